@@ -1,0 +1,67 @@
+"""Command line: ``python -m convert --src CKPT --dst DIR`` (import) or ``--src DIR --dst FILE`` (export).
+
+Import: a PyTorch MAE / MoCo v3 / timm checkpoint (or a .safetensors file) becomes a Flax
+checkpoint directory (orbax parameters + metadata.json), loadable with
+``moma_jax.models.pretrained.load_pretrained(DIR)``.
+Export: a converted or trained directory becomes a PyTorch ``{'model': state_dict}`` file in the
+MAE / timm naming (or a .safetensors file when DST ends with .safetensors).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from convert.errors import ConvertError
+from convert.formats import FORMATS
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(prog='python -m convert', description=__doc__.split('\n')[0])
+  p.add_argument('--src', required=True, help='PyTorch/safetensors file, or a converted directory')
+  p.add_argument('--dst', required=True, help='output directory (import) or file (export)')
+  p.add_argument('--format', choices=FORMATS, help='source format, when auto-detection needs help')
+  p.add_argument('--variant', help="ViT variant, e.g. 'B/16' or 'S12/16' (MoCo v3 ViT-S)")
+  p.add_argument('--num-heads', type=int, help='attention heads (not visible in the weights)')
+  p.add_argument('--image-size', type=int, help='resample position embeddings to this size')
+  p.add_argument('--momentum', action='store_true', help='MoCo v3: keep the momentum encoder too')
+  p.add_argument('--overwrite', action='store_true', help='replace an existing destination')
+  return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+  args = parse_args(argv)
+  # Imported here so that --help and argument errors do not pay for importing JAX.
+  from convert import convert
+
+  try:
+    if os.path.isdir(args.src):
+      keys = convert.export_checkpoint(args.src, args.dst, overwrite=args.overwrite)
+      print(f'wrote {args.dst}: {len(keys)} tensors')
+    else:
+      meta = convert.convert_checkpoint(
+        args.src,
+        args.dst,
+        fmt=args.format,
+        variant=args.variant,
+        num_heads=args.num_heads,
+        image_size=args.image_size,
+        momentum=args.momentum,
+        overwrite=args.overwrite,
+      )
+      for note in meta['notes']:
+        print(f'note: {note}')
+      kinds = ', '.join(meta['components'])
+      print(
+        f'wrote {args.dst}: {meta["format"]} {meta["variant"] or "custom ViT"} '
+        f'{meta["image_size"]}px ({kinds})'
+      )
+  except ConvertError as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 2
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

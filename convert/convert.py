@@ -1,0 +1,273 @@
+"""PyTorch checkpoint -> converted Flax directory, and a converted directory -> PyTorch / safetensors."""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import os
+import re
+from typing import Any
+
+import numpy as np
+
+from convert import formats, layouts, torch_format
+from convert.errors import ConvertError
+from moma_jax.models import posemb, pretrained, vit
+from moma_jax.models.pretrained import ComponentSpec
+
+# Heads by width when the checkpoint cannot say (heads are not visible in the weight shapes).
+_DEFAULT_HEADS = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16}
+_MAE_DECODER_HEADS = 16
+_REQUIRED_ENCODER_KEYS = ('cls_token', 'pos_embed', 'patch_embed.proj.weight')
+
+
+def sha256(path: str) -> str:
+  h = hashlib.sha256()
+  with open(path, 'rb') as f:
+    for chunk in iter(lambda: f.read(1 << 20), b''):
+      h.update(chunk)
+  return h.hexdigest()
+
+
+def _count(state: dict, pattern: str) -> int:
+  return len({m.group(1) for k in state if (m := re.match(pattern, k))})
+
+
+def _describe(state: dict, keys) -> str:
+  return ', '.join(f'{k} {tuple(state[k].shape)}' for k in keys)
+
+
+def _encoder_spec(
+  state: dict,
+  split: formats.Split,
+  *,
+  variant: str | None,
+  num_heads: int | None,
+  image_size: int | None,
+  what: str,
+) -> tuple[ComponentSpec, list[str]]:
+  """Infers the ViT's constructor kwargs from an encoder state dict. Returns (spec, notes)."""
+  missing = [k for k in _REQUIRED_ENCODER_KEYS if k not in state]
+  if missing:
+    sample = sorted(state)[:12]
+    raise ConvertError(
+      f'{what} matches no known ViT format: missing {", ".join(missing)}; '
+      f'it has {len(state)} keys, e.g. {_describe(state, sample)}'
+    )
+  notes = []
+  width = state['cls_token'].shape[-1]
+  depth = _count(state, r'blocks\.(\d+)\.')
+  kernel = state['patch_embed.proj.weight']
+  if kernel.ndim != 4 or kernel.shape[2] != kernel.shape[3]:
+    raise ConvertError(
+      f'{what}: patch_embed.proj.weight {kernel.shape} is not a square conv kernel'
+    )
+  patch, channels = kernel.shape[2], kernel.shape[1]
+  mlp_dim = state['blocks.0.mlp.fc1.weight'].shape[0] if depth else 4 * width
+  grid = int(round((state['pos_embed'].shape[1] - 1) ** 0.5))
+  if grid * grid + 1 != state['pos_embed'].shape[1]:
+    raise ConvertError(
+      f'{what}: pos_embed {state["pos_embed"].shape} is not CLS + a square grid of patches'
+    )
+  heads = num_heads
+  if variant:
+    try:
+      v = vit.decode_variant(variant)
+    except ValueError as e:
+      raise ConvertError(str(e)) from None
+    if (v.width, v.depth, v.patch_size) != (width, depth, patch):
+      raise ConvertError(
+        f'--variant {variant} is width {v.width}, depth {v.depth}, patch {v.patch_size}, '
+        f'but the checkpoint has width {width}, depth {depth}, patch {patch}'
+      )
+    heads = heads or v.num_heads
+  if heads is None and split.format == 'mocov3':
+    heads = formats.MOCO_ARCH_HEADS.get(split.info.get('arch'))
+    if heads is None and width == 384:
+      heads = 12
+      notes.append('MoCo v3 checkpoint without a known arch: assuming vit_small with 12 heads')
+  if heads is None:
+    if width not in _DEFAULT_HEADS:
+      raise ConvertError(
+        f'{what}: cannot tell the number of heads of a width-{width} ViT from its weights; '
+        'pass --num-heads (or --variant)'
+      )
+    heads = _DEFAULT_HEADS[width]
+    if width == 384:
+      notes.append(
+        'width 384: assuming 6 heads (DeiT / timm ViT-S); pass --num-heads 12 for MoCo v3 vit_small'
+      )
+  if width % heads:
+    raise ConvertError(f'width {width} is not divisible by --num-heads {heads}')
+  kwargs: dict[str, Any] = dict(
+    width=width,
+    depth=depth,
+    num_heads=heads,
+    mlp_dim=mlp_dim,
+    patch_size=patch,
+    image_size=grid * patch,
+    channels=channels,
+    num_classes=state['head.weight'].shape[0] if 'head.weight' in state else 0,
+    pool='gap' if 'fc_norm.weight' in state and 'norm.weight' not in state else 'cls',
+  )
+  if image_size and image_size != kwargs['image_size']:
+    if image_size % patch:
+      raise ConvertError(f'--image-size {image_size} is not a multiple of the patch size {patch}')
+    notes.append(
+      f'position embeddings resampled (bicubic) from {grid}x{grid} to '
+      f'{image_size // patch}x{image_size // patch} patches'
+    )
+    kwargs['image_size'] = image_size
+  return ComponentSpec('ViT', kwargs), notes
+
+
+def _decoder_spec(state: dict, encoder: ComponentSpec) -> ComponentSpec:
+  if 'decoder_embed.weight' not in state or 'decoder_pred.weight' not in state:
+    raise ConvertError(
+      'MAE decoder incomplete: need decoder_embed and decoder_pred; '
+      f'found {", ".join(sorted(state)[:8])}'
+    )
+  width = state['decoder_embed.weight'].shape[0]
+  kw = encoder.kwargs
+  return ComponentSpec(
+    'MaeDecoder',
+    dict(
+      num_patches=(kw['image_size'] // kw['patch_size']) ** 2,
+      patch_pixels=state['decoder_pred.weight'].shape[0],
+      width=width,
+      depth=_count(state, r'decoder_blocks\.(\d+)\.'),
+      num_heads=_MAE_DECODER_HEADS,
+      mlp_ratio=state['decoder_blocks.0.mlp.fc1.weight'].shape[0] // width,
+    ),
+    input_dim=kw['width'],
+  )
+
+
+def _mlp_head_spec(state: dict, what: str) -> ComponentSpec:
+  linear = sorted(
+    int(k.split('.')[0]) for k, v in state.items() if k.endswith('.weight') and v.ndim == 2
+  )
+  if not linear:
+    raise ConvertError(f'{what}: no linear layers found in {", ".join(sorted(state)[:6])}')
+  first, last = state[f'{linear[0]}.weight'], state[f'{linear[-1]}.weight']
+  return ComponentSpec(
+    'MlpHead',
+    dict(
+      num_layers=len(linear),
+      hidden_dim=first.shape[0],
+      out_dim=last.shape[0],
+      last_bn=f'{linear[-1] + 1}.running_mean' in state,
+    ),
+    input_dim=first.shape[1],
+  )
+
+
+def _resample(state: dict, key: str, image_size: int, patch: int) -> None:
+  grid = image_size // patch
+  if key in state and state[key].shape[1] != grid * grid + 1:
+    state[key] = posemb.resample_grid(np.asarray(state[key], np.float32), grid).astype(
+      state[key].dtype
+    )
+
+
+def convert_checkpoint(
+  src: str,
+  dst: str,
+  *,
+  fmt: str | None = None,
+  variant: str | None = None,
+  num_heads: int | None = None,
+  image_size: int | None = None,
+  momentum: bool = False,
+  overwrite: bool = False,
+) -> dict[str, Any]:
+  """Converts a PyTorch / safetensors checkpoint into a Flax checkpoint directory.
+
+  Returns the metadata written. Raises ConvertError (one line) on any bad input, before writing.
+  """
+  dst = os.path.abspath(dst)
+  if os.path.exists(dst) and not overwrite:
+    raise ConvertError(f'{dst} already exists; pass --overwrite to replace it')
+  if os.path.abspath(src) == dst:
+    raise ConvertError('--src and --dst are the same path')
+  obj = formats.read_file(src)
+  split = formats.split(obj, fmt)
+  enc_state = dict(split.components['encoder'])
+  enc_spec, notes = _encoder_spec(
+    enc_state, split, variant=variant, num_heads=num_heads, image_size=image_size, what=src
+  )
+  specs: dict[str, ComponentSpec] = {'encoder': enc_spec}
+  states: dict[str, dict] = {'encoder': enc_state}
+  size, patch = enc_spec.kwargs['image_size'], enc_spec.kwargs['patch_size']
+  for name, state in split.components.items():
+    state = dict(state)
+    if name == 'decoder':
+      specs[name] = _decoder_spec(state, enc_spec)
+    elif name in ('projector', 'predictor'):
+      specs[name] = _mlp_head_spec(state, f'{src} {name}')
+    elif name == 'momentum_encoder' and momentum:
+      specs[name] = enc_spec
+    elif name == 'momentum_projector' and momentum:
+      specs[name] = _mlp_head_spec(state, f'{src} {name}')
+    elif name != 'encoder':
+      notes.append(f'{name} not converted (pass --momentum to keep it)')
+      continue
+    states[name] = state
+  variables = {}
+  for name, state in states.items():
+    for key in ('pos_embed', 'decoder_pos_embed'):
+      _resample(state, key, size, patch)
+    try:
+      variables[name] = layouts.torch_to_flax(state)
+    except ValueError as e:
+      raise ConvertError(f'{src}: {e}') from None
+  metadata = {
+    'source': {
+      'file': os.path.basename(src),
+      'sha256': sha256(src),
+      'bytes': os.path.getsize(src),
+      **split.info,
+    },
+    'format': split.format,
+    'variant': vit.name_variant(
+      enc_spec.kwargs['width'], enc_spec.kwargs['depth'], enc_spec.kwargs['num_heads'], patch
+    ),
+    'patch_size': patch,
+    'image_size': size,
+    'mean': list(pretrained.IMAGENET_MEAN),
+    'std': list(pretrained.IMAGENET_STD),
+    'notes': notes,
+    'converted_at': datetime.datetime.now(datetime.UTC).isoformat(timespec='seconds'),
+  }
+  try:
+    pretrained.save_pretrained(dst, specs, variables, metadata, overwrite=overwrite)
+  except pretrained.CheckpointMismatchError as e:
+    raise ConvertError(f'{src} ({split.format}): {e}') from None
+  return pretrained.read_metadata(dst)
+
+
+def export_checkpoint(src_dir: str, dst: str, *, overwrite: bool = False) -> list[str]:
+  """Converted / trained Flax directory -> PyTorch ``{'model': state_dict}`` (MAE / timm names).
+
+  A ``.safetensors`` destination writes a safetensors file instead. The MAE decoder, when present,
+  is written into the same state dict, as in MAE's ``*_full.pth``. Returns the keys written.
+  """
+  if os.path.exists(dst) and not overwrite:
+    raise ConvertError(f'{dst} already exists; pass --overwrite to replace it')
+  try:
+    loaded = pretrained.load_pretrained(src_dir)
+  except (FileNotFoundError, pretrained.CheckpointMismatchError) as e:
+    raise ConvertError(str(e)) from None
+  state = layouts.flax_to_torch(loaded.params)
+  if 'decoder' in loaded.heads:
+    state.update(layouts.flax_to_torch(loaded.heads['decoder'].variables))
+  state = {k: np.asarray(v) for k, v in state.items()}
+  if dst.endswith('.safetensors'):
+    from safetensors.numpy import save_file
+
+    tmp = f'{dst}.tmp-{os.getpid()}'
+    save_file(state, tmp)
+    os.replace(tmp, dst)
+  else:
+    torch_format.save({'model': state}, dst)
+  return list(state)

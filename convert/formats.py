@@ -1,0 +1,143 @@
+"""Recognising the official checkpoint formats and splitting them into components.
+
+Formats (the ``--format`` names):
+  mae_pretrain   MAE encoder-only release, ``{'model': state_dict}`` (mae_pretrain_vit_*.pth)
+  mae_full       MAE with its decoder (``*_full.pth``, ``mae_visualize_vit_*.pth``)
+  mae_finetuned  MAE fine-tuned: ``fc_norm`` + ``head``, global pooling, no final ``norm``
+  mocov3         MoCo v3 ``.pth.tar``: ``state_dict`` with ``module.base_encoder.`` etc.
+  timm           a plain timm / DeiT ViT state dict (``.pth`` or ``.safetensors``), any head
+Every format yields a timm-named encoder state dict plus optional head state dicts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import numpy as np
+
+from convert import torch_format
+from convert.errors import ConvertError
+
+FORMATS = ('mae_pretrain', 'mae_full', 'mae_finetuned', 'mocov3', 'timm')
+StateDict = dict[str, np.ndarray]
+
+_MOCO_PREFIXES = {
+  'base_encoder.': 'encoder',
+  'momentum_encoder.': 'momentum_encoder',
+  'predictor.': 'predictor',
+}
+# MoCo v3 architectures (its 'arch' entry) -> heads; its vit_small has 12 heads, not timm's 6.
+MOCO_ARCH_HEADS = {'vit_small': 12, 'vit_base': 12}
+
+
+@dataclasses.dataclass
+class Split:
+  """A checkpoint taken apart: timm-named state dicts per component."""
+
+  format: str
+  components: dict[str, StateDict]  # 'encoder' always; 'decoder', 'projector', ... if present
+  info: dict[str, Any]  # extra facts for the metadata (MoCo arch, MAE epoch, ...)
+
+
+def read_file(path: str) -> Any:
+  """Reads a PyTorch zip checkpoint or a safetensors file, by content (not by file name)."""
+  if not os.path.isfile(path):
+    raise ConvertError(f'no such checkpoint file: {path}')
+  with open(path, 'rb') as f:
+    head = f.read(9)
+  if len(head) == 9 and head[8:9] == b'{' and not head.startswith(b'PK'):
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    try:
+      return load_file(path)
+    except (SafetensorError, ValueError, OSError) as e:
+      raise ConvertError(f'{path} is a corrupt safetensors file: {e}') from None
+  return torch_format.load(path)
+
+
+def _is_state_dict(obj: Any) -> bool:
+  return (
+    isinstance(obj, dict)
+    and bool(obj)
+    and all(isinstance(k, str) and isinstance(v, np.ndarray) for k, v in obj.items())
+  )
+
+
+def _strip(state: StateDict, prefix: str) -> StateDict:
+  return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def _split_mocov3(obj: dict) -> Split:
+  state = obj.get('state_dict')
+  if not _is_state_dict(state):
+    raise ConvertError("not a MoCo v3 checkpoint: no 'state_dict' of tensors")
+  if all(k.startswith('module.') for k in state):
+    state = _strip(state, 'module.')
+  comps: dict[str, StateDict] = {}
+  for prefix, name in _MOCO_PREFIXES.items():
+    part = _strip(state, prefix)
+    if part:
+      comps[name] = part
+  if 'encoder' not in comps:
+    raise ConvertError(
+      "not a MoCo v3 checkpoint: no 'module.base_encoder.' parameters "
+      f'(first keys: {", ".join(list(state)[:5])})'
+    )
+  for enc in ('encoder', 'momentum_encoder'):
+    head = _strip(comps.get(enc, {}), 'head.')
+    if head:
+      comps[enc] = {k: v for k, v in comps[enc].items() if not k.startswith('head.')}
+      comps['projector' if enc == 'encoder' else 'momentum_projector'] = head
+  info = {k: obj[k] for k in ('arch', 'epoch') if isinstance(obj.get(k), (str, int))}
+  return Split('mocov3', comps, info)
+
+
+def split(obj: Any, fmt: str | None = None) -> Split:
+  """Takes a loaded checkpoint apart. ``fmt`` forces a format; None detects it."""
+  if fmt is not None and fmt not in FORMATS:
+    raise ConvertError(f'unknown --format {fmt!r}; choose one of {", ".join(FORMATS)}')
+  if not isinstance(obj, dict):
+    raise ConvertError(f'the checkpoint holds a {type(obj).__name__}, not a dict of tensors')
+  state_dict = obj.get('state_dict')
+  is_moco = isinstance(state_dict, dict) and any(
+    k.startswith(('module.base_encoder.', 'base_encoder.')) for k in state_dict
+  )
+  if fmt == 'mocov3' or (fmt is None and is_moco):
+    return _split_mocov3(obj)
+
+  info: dict[str, Any] = {}
+  if _is_state_dict(obj.get('model')):  # MAE (and DeiT) wrap the state dict in 'model'
+    state = obj['model']
+    if isinstance(obj.get('epoch'), int):
+      info['epoch'] = obj['epoch']
+  elif _is_state_dict(state_dict):
+    state = state_dict
+  elif _is_state_dict(obj):
+    state = obj
+  else:
+    raise ConvertError(
+      'no state dict found: expected a dict of tensors, or one under "model" or "state_dict" '
+      f'(top-level keys: {", ".join(map(str, list(obj)[:8]))})'
+    )
+  if all(k.startswith('module.') for k in state):
+    state = _strip(state, 'module.')
+  decoder = {k: v for k, v in state.items() if k.startswith('decoder_') or k == 'mask_token'}
+  encoder = {k: v for k, v in state.items() if k not in decoder}
+  comps = {'encoder': encoder}
+  if decoder:
+    comps['decoder'] = decoder
+  if fmt is None:
+    if decoder:
+      fmt = 'mae_full'
+    elif 'fc_norm.weight' in encoder and 'norm.weight' not in encoder:
+      fmt = 'mae_finetuned'
+    elif 'model' in obj and 'head.weight' not in encoder:
+      fmt = 'mae_pretrain'
+    else:
+      fmt = 'timm'
+  elif fmt == 'mae_full' and not decoder:
+    raise ConvertError('--format mae_full, but the checkpoint has no decoder_* / mask_token keys')
+  return Split(fmt, comps, info)

@@ -1,0 +1,1 @@
+"""Models: the ViT, its heads, and the loader for converted checkpoints."""
