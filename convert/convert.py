@@ -8,6 +8,7 @@ import os
 import re
 from typing import Any
 
+import jax
 import numpy as np
 
 from convert import formats, layouts, torch_format
@@ -63,7 +64,8 @@ def _encoder_spec(
       f'{what}: patch_embed.proj.weight {kernel.shape} is not a square conv kernel'
     )
   patch, channels = kernel.shape[2], kernel.shape[1]
-  mlp_dim = state['blocks.0.mlp.fc1.weight'].shape[0] if depth else 4 * width
+  fc1 = state.get('blocks.0.mlp.fc1.weight')
+  mlp_dim = fc1.shape[0] if fc1 is not None else 4 * width  # a missing key is reported later
   grid = int(round((state['pos_embed'].shape[1] - 1) ** 0.5))
   if grid * grid + 1 != state['pos_embed'].shape[1]:
     raise ConvertError(
@@ -137,7 +139,8 @@ def _decoder_spec(state: dict, encoder: ComponentSpec) -> ComponentSpec:
       width=width,
       depth=_count(state, r'decoder_blocks\.(\d+)\.'),
       num_heads=_MAE_DECODER_HEADS,
-      mlp_ratio=state['decoder_blocks.0.mlp.fc1.weight'].shape[0] // width,
+      mlp_ratio=state.get('decoder_blocks.0.mlp.fc1.weight', np.zeros((4 * width,))).shape[0]
+      // width,
     ),
     input_dim=kw['width'],
   )
@@ -160,6 +163,34 @@ def _mlp_head_spec(state: dict, what: str) -> ComponentSpec:
     ),
     input_dim=first.shape[1],
   )
+
+
+def _expected_shapes(spec: ComponentSpec) -> dict[str, tuple[int, ...]]:
+  """PyTorch key -> shape that ``spec``'s module needs (zero-stride views: nothing allocated)."""
+  abstract = pretrained.abstract_variables(spec)
+  empty = jax.tree.map(lambda s: np.broadcast_to(np.zeros((), s.dtype), s.shape), abstract)
+  return {k: v.shape for k, v in layouts.flax_to_torch(empty).items()}
+
+
+def _check_state(state: dict, spec: ComponentSpec, what: str) -> None:
+  """One error listing every missing, unexpected and mis-shaped key, in PyTorch names."""
+  expected = _expected_shapes(spec)
+  actual = {k: tuple(v.shape) for k, v in state.items()}
+  ignore = lambda k: k.endswith('num_batches_tracked')  # noqa: E731
+  missing = [f'{k} {s}' for k, s in expected.items() if k not in actual and not ignore(k)]
+  unexpected = [f'{k} {s}' for k, s in actual.items() if k not in expected and not ignore(k)]
+  mismatch = [
+    f'{k}: checkpoint {actual[k]} vs model {s}'
+    for k, s in expected.items()
+    if k in actual and actual[k] != s and not ignore(k)
+  ]
+  problems = [
+    f'{label} ({len(items)}): {", ".join(items)}'
+    for label, items in (('missing', missing), ('unexpected', unexpected), ('shape', mismatch))
+    if items
+  ]
+  if problems:
+    raise ConvertError(f'{what} does not match a {spec.module}: ' + '; '.join(problems))
 
 
 def _resample(state: dict, key: str, image_size: int, patch: int) -> None:
@@ -217,6 +248,7 @@ def convert_checkpoint(
   for name, state in states.items():
     for key in ('pos_embed', 'decoder_pos_embed'):
       _resample(state, key, size, patch)
+    _check_state(state, specs[name], f'{src} [{split.format}, {name}]')
     try:
       variables[name] = layouts.torch_to_flax(state)
     except ValueError as e:
@@ -261,7 +293,7 @@ def export_checkpoint(src_dir: str, dst: str, *, overwrite: bool = False) -> lis
   state = layouts.flax_to_torch(loaded.params)
   if 'decoder' in loaded.heads:
     state.update(layouts.flax_to_torch(loaded.heads['decoder'].variables))
-  state = {k: np.asarray(v) for k, v in state.items()}
+  state = {k: np.ascontiguousarray(v) for k, v in state.items()}
   if dst.endswith('.safetensors'):
     from safetensors.numpy import save_file
 

@@ -87,7 +87,10 @@ def torch_to_flax(state: StateDict) -> Variables:
 
 
 def flax_to_torch(variables: Variables) -> StateDict:
-  """Inverse of :func:`torch_to_flax` (BatchNorm gets num_batches_tracked = 0)."""
+  """Inverse of :func:`torch_to_flax` (BatchNorm gets num_batches_tracked = 0).
+
+  Transposed leaves are numpy views, not copies: writers make them contiguous as they write.
+  """
   state: StateDict = {}
   for path, value in flatten(variables.get('params', {})).items():
     *mods, leaf = path
@@ -98,7 +101,7 @@ def flax_to_torch(variables: Variables) -> StateDict:
       value = value.transpose(3, 2, 0, 1) if value.ndim == 4 else value.T
     elif leaf == 'scale':
       leaf = 'weight'
-    state[f'{prefix}.{leaf}' if prefix else leaf] = np.ascontiguousarray(value)
+    state[f'{prefix}.{leaf}' if prefix else leaf] = value
   for path, value in flatten(variables.get('batch_stats', {})).items():
     *mods, leaf = path
     prefix = '.'.join(_split_numeric(m) for m in mods)

@@ -1,0 +1,156 @@
+"""The ViT on its own: variants, subset encoding, position embeddings, dtypes, drop path."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from moma_jax.models import posemb, vit
+
+
+def _count(tree) -> int:
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+
+
+def _tiny(**kw) -> vit.ViT:
+  return vit.ViT(**{**vit.decode_variant('mu/8').kwargs(), 'image_size': 32, **kw})
+
+
+@pytest.mark.parametrize(
+  'variant,num_params',
+  [
+    # timm's published counts without the 1000-class head (e.g. ViT-B/16: 86,567,656 - 769,000).
+    ('B/16', 85_798_656),
+    ('L/16', 303_301_632),
+    ('S/16', 21_665_664),
+  ],
+)
+def test_parameter_counts_match_timm(variant, num_params):
+  model = vit.ViT(**vit.decode_variant(variant).kwargs())
+  shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 224, 224, 3)))
+  assert _count(shapes) == num_params
+
+
+def test_variants_decode():
+  assert vit.decode_variant('H/14') == vit.ViTSpec(1280, 32, 16, 5120, 14)
+  assert vit.decode_variant('S12/16').num_heads == 12
+  assert vit.decode_variant('Ti/16').width == 192
+  assert vit.name_variant(768, 12, 12, 16) == 'B/16'
+  assert vit.name_variant(100, 1, 1, 16) is None
+  for bad in ('B', 'X/16', 'B/x', 'b/16'):
+    with pytest.raises(ValueError, match='unknown ViT variant'):
+      vit.decode_variant(bad)
+
+
+def test_h14_token_count():
+  model = vit.ViT(**vit.decode_variant('H/14').kwargs())
+  out = jax.eval_shape(model.init_with_output, jax.random.key(0), jnp.zeros((1, 224, 224, 3)))
+  tokens, aux = out[0]
+  assert tokens.shape == (1, 257, 1280)
+  assert len([k for k in aux if k.startswith('block_')]) == 32
+
+
+def test_subset_encoding_equals_full_when_all_visible_and_is_permutation_equivariant():
+  model = _tiny()
+  x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
+  params = model.init(jax.random.key(0), x)
+  full, _ = model.apply(params, x)
+  ident = jnp.tile(jnp.arange(16)[None], (2, 1))
+  same, _ = model.apply(params, x, ident)
+  np.testing.assert_allclose(same, full, atol=1e-6)
+  perm = jnp.stack([jax.random.permutation(jax.random.key(i), 16) for i in range(2)])
+  permuted, _ = model.apply(params, x, perm)
+  np.testing.assert_allclose(permuted[:, 0], full[:, 0], atol=1e-5)  # CLS unchanged
+  expected = jnp.take_along_axis(full[:, 1:], perm[..., None], axis=1)
+  np.testing.assert_allclose(permuted[:, 1:], expected, atol=1e-5)
+
+
+def test_subset_tokens_depend_only_on_visible_patches():
+  model = _tiny()
+  x = jax.random.normal(jax.random.key(1), (1, 32, 32, 3))
+  params = model.init(jax.random.key(0), x)
+  keep = jnp.array([[0, 5, 15]])
+  a, _ = model.apply(params, x, keep)
+  # Change a patch that is not visible (patch 1 = rows 0-7, cols 8-15): no effect.
+  b, _ = model.apply(params, x.at[:, :8, 8:16].set(9.0), keep)
+  np.testing.assert_array_equal(a, b)
+  c, _ = model.apply(params, x.at[:, :8, :8].set(9.0), keep)  # patch 0 is visible
+  assert not np.allclose(a, c)
+  assert a.shape == (1, 4, 64)
+
+
+def test_intermediates_and_heads():
+  model = _tiny(num_classes=5)
+  x = jnp.ones((2, 32, 32, 3))
+  params = model.init(jax.random.key(0), x)
+  logits, aux = model.apply(params, x)
+  assert logits.shape == (2, 5)
+  assert {f'block_{i}' for i in range(2)} <= set(aux)
+  assert aux['encoded'].shape == (2, 17, 64) and aux['pre_logits'].shape == (2, 64)
+  gap = _tiny(num_classes=5, pool='gap')
+  gparams = gap.init(jax.random.key(0), x)['params']
+  assert 'fc_norm' in gparams and 'norm' not in gparams
+
+
+def test_wrong_image_size_is_a_clear_error():
+  model = _tiny()
+  with pytest.raises(ValueError, match='--image-size'):
+    model.init(jax.random.key(0), jnp.zeros((1, 48, 48, 3)))
+
+
+def test_drop_path_only_in_training():
+  model = _tiny(drop_path=0.5)
+  x = jax.random.normal(jax.random.key(1), (8, 32, 32, 3))
+  params = model.init(jax.random.key(0), x)
+  a, _ = model.apply(params, x)
+  b, _ = model.apply(params, x)
+  np.testing.assert_array_equal(a, b)
+  c, _ = model.apply(params, x, train=True, rngs={'dropout': jax.random.key(2)})
+  d, _ = model.apply(params, x, train=True, rngs={'dropout': jax.random.key(2)})
+  np.testing.assert_array_equal(c, d)
+  assert not np.allclose(a, c)
+
+
+def test_patchify_round_trip():
+  x = jax.random.normal(jax.random.key(0), (2, 32, 48, 3))
+  p = vit.patchify(x, 8)
+  assert p.shape == (2, 24, 192)
+  np.testing.assert_array_equal(vit.unpatchify(p, 8, (4, 6)), x)
+  # Patch 1 is rows 0-7, columns 8-15, flattened (row, col, channel).
+  np.testing.assert_array_equal(p[:, 1], x[:, :8, 8:16].reshape(2, -1))
+
+
+@pytest.mark.parametrize('layout', ['mae', 'moco'])
+def test_sincos_layouts(layout):
+  fn = posemb.sincos_2d_mae if layout == 'mae' else posemb.sincos_2d_moco
+  table = fn(32, 4, cls_token=True)
+  assert table.shape == (17, 32)
+  np.testing.assert_array_equal(table[0], 0)
+  grid = table[1:].reshape(4, 4, 32)  # [row, col, D]
+  col_half, row_half = (grid[..., :16], grid[..., 16:])
+  if layout == 'moco':
+    col_half, row_half = row_half, col_half
+  # The column half is the same along every column (independent of the row), and vice versa.
+  np.testing.assert_allclose(col_half, np.broadcast_to(col_half[:1], col_half.shape))
+  np.testing.assert_allclose(row_half, np.broadcast_to(row_half[:, :1], row_half.shape))
+  # sin(0) = 0 and cos(0) = 1 at position 0 of each half.
+  np.testing.assert_allclose(grid[0, 0, :8], 0, atol=1e-7)
+  np.testing.assert_allclose(grid[0, 0, 8:16], 1, atol=1e-7)
+
+
+def test_resample_identity_and_constant():
+  table = posemb.sincos_2d_mae(16, 4)[None]
+  np.testing.assert_array_equal(posemb.resample_grid(table, 4), table)
+  const = np.ones((1, 17, 4), np.float32)
+  np.testing.assert_allclose(posemb.resample_grid(const, 7), np.ones((1, 50, 4)), atol=1e-6)
+
+
+def test_bfloat16_compute_keeps_float32_params():
+  model = _tiny(dtype=jnp.bfloat16)
+  x = jnp.ones((1, 32, 32, 3))
+  params = model.init(jax.random.key(0), x)
+  assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(params))
+  out, _ = model.apply(params, x)
+  assert out.dtype == jnp.bfloat16
