@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-import torch_reference as ref
 from convert import torch_format
 from convert.__main__ import main as cli
 from convert.errors import ConvertError
+
+import torch_reference as ref
 
 
 @pytest.fixture(scope='module')
