@@ -268,3 +268,51 @@ def test_exported_file_is_read_by_our_reader_too(tmp_path):
   state = torch_format.load(out)['model']
   for k, v in tm.state_dict().items():
     np.testing.assert_array_equal(state[k], v.numpy())
+
+
+def test_second_reference_huggingface_vit(tmp_path):
+  """An independent implementation (transformers' ViTModel, separate q/k/v) agrees as well."""
+  import transformers
+  cfg = transformers.ViTConfig(
+    hidden_size=96,
+    num_hidden_layers=3,
+    num_attention_heads=6,
+    intermediate_size=384,
+    image_size=32,
+    patch_size=8,
+    layer_norm_eps=1e-6,
+    hidden_act='gelu',
+  )
+  torch.manual_seed(0)
+  hf = transformers.ViTModel(cfg, add_pooling_layer=False).eval()
+  with torch.no_grad():
+    for name, p in hf.named_parameters():
+      p.normal_(1.0 if name.endswith('weight') and p.ndim == 1 else 0.0, 0.05)
+  sd = hf.state_dict()
+  timm = {
+    'cls_token': sd['embeddings.cls_token'],
+    'pos_embed': sd['embeddings.position_embeddings'],
+    'patch_embed.proj.weight': sd['embeddings.patch_embeddings.projection.weight'],
+    'patch_embed.proj.bias': sd['embeddings.patch_embeddings.projection.bias'],
+    'norm.weight': sd['layernorm.weight'],
+    'norm.bias': sd['layernorm.bias'],
+  }
+  for i in range(cfg.num_hidden_layers):
+    h = f'layers.{i}.'
+    for part in ('weight', 'bias'):
+      timm[f'blocks.{i}.attn.qkv.{part}'] = torch.cat(
+        [sd[f'{h}attention.{x}_proj.{part}'] for x in 'qkv']
+      )
+      timm[f'blocks.{i}.attn.proj.{part}'] = sd[f'{h}attention.o_proj.{part}']
+      timm[f'blocks.{i}.norm1.{part}'] = sd[f'{h}layernorm_before.{part}']
+      timm[f'blocks.{i}.norm2.{part}'] = sd[f'{h}layernorm_after.{part}']
+      timm[f'blocks.{i}.mlp.fc1.{part}'] = sd[f'{h}mlp.fc1.{part}']
+      timm[f'blocks.{i}.mlp.fc2.{part}'] = sd[f'{h}mlp.fc2.{part}']
+  src = str(tmp_path / 'from_hf.pth')
+  torch.save({'model': timm}, src)
+  loaded = load_pretrained(_convert(tmp_path, src, '--num-heads', '6'))
+  x = _images(2, 32)
+  tokens, _ = loaded.model.apply(loaded.params, x)
+  with torch.no_grad():
+    expected = hf(pixel_values=_torch(x)).last_hidden_state
+  np.testing.assert_allclose(np.asarray(tokens), expected.numpy(), atol=TOL, rtol=0)
