@@ -273,6 +273,7 @@ def test_exported_file_is_read_by_our_reader_too(tmp_path):
 def test_second_reference_huggingface_vit(tmp_path):
   """An independent implementation (transformers' ViTModel, separate q/k/v) agrees as well."""
   import transformers
+
   cfg = transformers.ViTConfig(
     hidden_size=96,
     num_hidden_layers=3,
