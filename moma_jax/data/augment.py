@@ -184,7 +184,7 @@ def color_jitter(x: tf.Tensor, seed: tf.Tensor, strengths: tuple[float, ...]) ->
   ]
   order = tf.argsort(tf.random.stateless_uniform([4], seeds[4]))
   for i in range(4):
-    x = tf.switch_case(order[i], [lambda op=op: op(x) for op in ops])
+    x = tf.switch_case(order[i], [lambda op=op, x=x: op(x) for op in ops])
     x.set_shape([None, None, 3])
   return x
 

@@ -80,12 +80,11 @@ def load(split: str) -> tuple[np.ndarray, np.ndarray]:
   rng = np.random.RandomState(1 if split == 'train' else 2)
   photos = _photos()
   images, labels = [], []
-  for r in range(renders):
+  for _ in range(renders):
     for i in idx:
       photo = photos[rng.randint(len(photos))]
       images.append(_render(digits.images[i], photo, rng))
       labels.append(digits.target[i])
-  del r
   images_arr = np.stack(images)
   images_arr.flags.writeable = False
   return images_arr, np.asarray(labels, np.int32)
