@@ -1,0 +1,113 @@
+"""Writes a tiny fake ImageNet manual_dir in the real layout, so the real tfds ``imagenet2012``
+builder prepares it offline (tests, and trying the ImageNet configs without ImageNet).
+
+Layout (as distributed by image-net.org):
+  ILSVRC2012_img_train.tar   one inner tar per synset (n01440764.tar, ...), each holding
+                             JPEGs named <synset>_<k>.JPEG
+  ILSVRC2012_img_val.tar     ILSVRC2012_val_00000001.JPEG ... (labels come from tfds's own
+                             validation_labels.txt, in file-name order)
+
+The train set includes the awkward files real ImageNet has: one CMYK JPEG and one PNG named .JPEG
+(under the file names the tfds builder knows and converts), and a grayscale JPEG.
+
+  python -m moma_jax.data.fake_imagenet --out /tmp/fake_imagenet_manual
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tarfile
+
+import numpy as np
+from PIL import Image
+
+CMYK_FILE = ('n01739381', 'n01739381_1309.JPEG')
+PNG_FILE = ('n02105855', 'n02105855_2933.JPEG')
+
+
+def _photo(rng: np.random.RandomState, size: tuple[int, int]) -> np.ndarray:
+  """A smooth random colour image [h, w, 3] uint8 (compresses like a photo, not like noise)."""
+  h, w = size
+  coarse = rng.randint(0, 256, size=(h // 25 + 2, w // 25 + 2, 3)).astype(np.uint8)
+  img = Image.fromarray(coarse).resize((w, h), Image.BICUBIC)
+  noise = rng.randint(-12, 13, size=(h, w, 3))
+  return np.clip(np.asarray(img, np.int32) + noise, 0, 255).astype(np.uint8)
+
+
+def jpeg_bytes(array: np.ndarray, mode: str = 'RGB', fmt: str = 'JPEG', quality: int = 90) -> bytes:
+  buf = io.BytesIO()
+  Image.fromarray(array).convert(mode).save(buf, format=fmt, quality=quality)
+  return buf.getvalue()
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+  info = tarfile.TarInfo(name)
+  info.size = len(data)
+  tar.addfile(info, io.BytesIO(data))
+
+
+def _synsets(num_classes: int) -> list[str]:
+  import tensorflow_datasets as tfds
+
+  path = tfds.core.tfds_path('datasets/imagenet2012/labels.txt')
+  labels = path.read_text().split()
+  chosen = [CMYK_FILE[0], PNG_FILE[0]]
+  chosen += [s for s in labels if s not in chosen][: max(0, num_classes - 2)]
+  return chosen[:num_classes]
+
+
+def write_manual_dir(
+  out: str,
+  *,
+  num_classes: int = 4,
+  images_per_class: int = 5,
+  num_val: int = 10,
+  size: tuple[int, int] = (375, 500),
+  seed: int = 0,
+) -> str:
+  """Writes ILSVRC2012_img_{train,val}.tar under ``out``; returns ``out``."""
+  if num_classes < 2:
+    raise ValueError('num_classes must be >= 2 (the CMYK and PNG synsets)')
+  os.makedirs(out, exist_ok=True)
+  rng = np.random.RandomState(seed)
+  with tarfile.open(os.path.join(out, 'ILSVRC2012_img_train.tar'), 'w') as train:
+    for synset in _synsets(num_classes):
+      inner = io.BytesIO()
+      with tarfile.open(fileobj=inner, mode='w') as t:
+        for k in range(images_per_class):
+          name = f'{synset}_{k + 1}.JPEG'
+          img = _photo(rng, size)
+          if k == 0 and synset == CMYK_FILE[0]:
+            name, data = CMYK_FILE[1], jpeg_bytes(img, mode='CMYK')
+          elif k == 0 and synset == PNG_FILE[0]:
+            name, data = PNG_FILE[1], jpeg_bytes(img, fmt='PNG')
+          elif k == 1:
+            data = jpeg_bytes(img, mode='L')  # grayscale JPEG
+          else:
+            data = jpeg_bytes(img)
+          _add(t, name, data)
+      _add(train, f'{synset}.tar', inner.getvalue())
+  with tarfile.open(os.path.join(out, 'ILSVRC2012_img_val.tar'), 'w') as val:
+    for i in range(num_val):
+      _add(val, f'ILSVRC2012_val_{i + 1:08d}.JPEG', jpeg_bytes(_photo(rng, size)))
+  return out
+
+
+def main() -> None:
+  import argparse
+
+  p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  p.add_argument('--out', required=True)
+  p.add_argument('--num-classes', type=int, default=4)
+  p.add_argument('--images-per-class', type=int, default=5)
+  p.add_argument('--num-val', type=int, default=10)
+  a = p.parse_args()
+  write_manual_dir(
+    a.out, num_classes=a.num_classes, images_per_class=a.images_per_class, num_val=a.num_val
+  )
+  print(f'wrote {a.out}')
+
+
+if __name__ == '__main__':
+  main()

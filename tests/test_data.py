@@ -1,0 +1,371 @@
+"""Input pipelines: sources, views, determinism, resume, per-host sharding, exact evaluation, bad input."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+from moma_jax.data import augment, device, embedded, fake_imagenet, mixing, pipeline, sources
+from moma_jax.data.augment import ViewSpec
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _h(a: np.ndarray) -> str:
+  return hashlib.md5(np.ascontiguousarray(a).tobytes()).hexdigest()
+
+
+def _take(it, n):
+  return [next(it) for _ in range(n)]
+
+
+# --- fixtures --------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope='module')
+def imagenet_dir(tmp_path_factory):
+  """The real tfds imagenet2012 builder, prepared offline from a fake manual_dir."""
+  root = tmp_path_factory.mktemp('imagenet')
+  manual = fake_imagenet.write_manual_dir(str(root / 'manual'), num_classes=3, images_per_class=4)
+  data_dir = str(root / 'tfds')
+  sources.open_split('imagenet2012', 'train', data_dir=data_dir, manual_dir=manual,
+                     process_index=0, process_count=1)  # fmt: skip
+  return data_dir
+
+
+@pytest.fixture(scope='module')
+def folder(tmp_path_factory):
+  """An image folder with the awkward files of real data."""
+  root = tmp_path_factory.mktemp('folder')
+  rng = np.random.RandomState(0)
+  img = lambda h=60, w=80: rng.randint(0, 256, (h, w, 3)).astype(np.uint8)  # noqa: E731
+  for split in ('train', 'val'):
+    for c in ('cat', 'dog'):
+      os.makedirs(root / split / c)
+      for k in range(5):
+        Image.fromarray(img()).save(root / split / c / f'{k}.jpg', quality=90)
+  d = root / 'train' / 'cat'
+  Image.fromarray(img()).convert('L').save(d / 'gray.jpg')
+  Image.fromarray(img()).convert('CMYK').save(d / 'cmyk.jpg')
+  Image.fromarray(img()).save(d / 'png_inside.jpg', format='PNG')
+  Image.fromarray(img(5, 7)).save(d / 'tiny.jpg')
+  (d / 'corrupt.jpg').write_bytes(b'\xff\xd8\xff\xe0 this is not a jpeg at all')
+  good = (root / 'train' / 'dog' / '0.jpg').read_bytes()
+  (d / 'truncated.jpg').write_bytes(good[: len(good) // 3])
+  return str(root)
+
+
+def _views(size=32, **kw):
+  return {'v': ViewSpec(size=size, **kw)}
+
+
+# --- embedded dataset ------------------------------------------------------------------------------
+
+
+def test_embedded_dataset_is_deterministic_and_hard_for_raw_pixels():
+  from sklearn.neighbors import KNeighborsClassifier
+
+  xtr, ytr = embedded.load('train')
+  xte, yte = embedded.load('test')
+  assert xtr.shape == (5748, 32, 32, 3) and xte.shape == (720, 32, 32, 3)
+  assert xtr.dtype == np.uint8 and set(np.unique(ytr)) == set(range(10))
+  embedded.load.cache_clear()
+  np.testing.assert_array_equal(embedded.load('test')[0], xte)
+  knn = KNeighborsClassifier(n_neighbors=20, metric='cosine').fit(xtr.reshape(len(xtr), -1), ytr)
+  acc = (knn.predict(xte.reshape(len(xte), -1)) == yte).mean()
+  assert 0.12 < acc < 0.4, acc  # far below the ceiling, above chance (0.1)
+
+
+# --- sources and views -----------------------------------------------------------------------------
+
+
+def test_imagenet_through_the_real_tfds_builder(imagenet_dir):
+  src = sources.open_split('imagenet2012', 'train', data_dir=imagenet_dir, process_index=0,
+                           process_count=1)  # fmt: skip
+  assert (src.num_examples, src.num_classes) == (12, 1000)
+  views = {
+    'teacher': ViewSpec(size=64),
+    'student': ViewSpec(size=64, share_crop_with='teacher', jitter_prob=0.8, blur_prob=1.0),
+    'moco2': augment.moco_strong_view(48, blur_prob=0.1, solarize_prob=0.2),
+  }
+  batch = next(pipeline.train_iterator(src, views, batch_size=4, seed=0))
+  assert batch['teacher'].shape == (4, 64, 64, 3) and batch['moco2'].shape == (4, 48, 48, 3)
+  assert batch['teacher'].dtype == np.uint8 and batch['label'].dtype == np.int32
+  assert batch['teacher'].std() > 10  # real pixels, not padding
+  val = sources.open_split('imagenet2012', 'validation', data_dir=imagenet_dir, process_index=0,
+                           process_count=1)  # fmt: skip
+  batches = list(pipeline.eval_iterator(val, _views(64, crop='center'), batch_size=4))
+  assert sum(b['mask'].sum() for b in batches) == 10
+
+
+def test_other_tfds_dataset_by_name(tmp_path):
+  """Any tfds image dataset: a tiny builder registered here, prepared, then opened by name."""
+  import tensorflow_datasets as tfds
+
+  class MomaTinyShapes(tfds.core.GeneratorBasedBuilder):
+    VERSION = tfds.core.Version('1.0.0')
+
+    def _info(self):
+      return tfds.core.DatasetInfo(
+        builder=self,
+        features=tfds.features.FeaturesDict(
+          {
+            'image': tfds.features.Image(shape=(40, 30, 3)),
+            'label': tfds.features.ClassLabel(num_classes=3),
+          }
+        ),
+      )
+
+    def _split_generators(self, dl_manager):
+      return {'train': self._generate_examples(9), 'test': self._generate_examples(4)}
+
+    def _generate_examples(self, n):
+      rng = np.random.RandomState(n)
+      for i in range(n):
+        yield i, {'image': rng.randint(0, 256, (40, 30, 3)).astype(np.uint8), 'label': i % 3}
+
+  MomaTinyShapes(data_dir=str(tmp_path)).download_and_prepare()
+  src = sources.open_split('moma_tiny_shapes', 'train', data_dir=str(tmp_path), process_index=0,
+                           process_count=1)  # fmt: skip
+  assert (src.num_examples, src.num_classes) == (9, 3)
+  b = next(pipeline.train_iterator(src, _views(32), batch_size=6, seed=0))
+  assert b['v'].shape == (6, 32, 32, 3)
+  ev = list(pipeline.eval_iterator(
+    sources.open_split('moma_tiny_shapes', 'test', data_dir=str(tmp_path), process_index=0, process_count=1),
+    _views(24, crop='center'), batch_size=3))  # fmt: skip
+  assert sum(int(e['mask'].sum()) for e in ev) == 4
+
+
+def test_image_folder_handles_awkward_files_and_counts_unreadable(folder):
+  src = sources.open_split(f'folder:{folder}', 'train', process_index=0, process_count=1)
+  assert src.num_examples == 16 and src.num_classes == 2
+  it = pipeline.train_iterator(src, _views(32), batch_size=2, seed=0)
+  batches = _take(it, 7)  # 14 of the 16 files are readable
+  assert it.skipped == 2  # corrupt.jpg and truncated.jpg, counted, not fatal
+  assert all(b['v'].shape == (2, 32, 32, 3) for b in batches)
+  ev = pipeline.eval_iterator(src, _views(32, crop='center'), batch_size=4)
+  seen = sum(int(b['mask'].sum()) for b in ev)
+  assert seen == 14 and ev.skipped == 2
+
+
+@pytest.mark.parametrize('name', ['gray.jpg', 'cmyk.jpg', 'png_inside.jpg', 'tiny.jpg'])
+def test_awkward_images_decode_to_rgb(folder, name):
+  import tensorflow as tf
+
+  data = tf.constant(open(os.path.join(folder, 'train', 'cat', name), 'rb').read())
+  views = {'a': ViewSpec(size=32), 'b': ViewSpec(size=32, crop='center')}
+  out = augment.make_views(data, tf.constant([1, 2], tf.int64), views)
+  for v in out.values():
+    assert v.shape == (32, 32, 3) and v.dtype == tf.uint8
+
+
+def test_views_shapes_ranges_and_shared_geometry():
+  src = sources.open_split('digits_m', 'train', process_index=0, process_count=1)
+  views = {
+    'a': ViewSpec(size=32),
+    'b': ViewSpec(size=32, share_crop_with='a'),  # same crop and flip, no photometric aug
+    'c': ViewSpec(size=32, share_crop_with='a', jitter_prob=1.0, grayscale_prob=1.0),
+    'd': ViewSpec(size=16, randaugment=(2, 9.0)),
+    'e': ViewSpec(size=24, autoaugment=True),
+  }
+  b = next(pipeline.train_iterator(src, views, batch_size=8, seed=3))
+  np.testing.assert_array_equal(b['a'], b['b'])
+  assert not np.array_equal(b['a'], b['c'])
+  np.testing.assert_array_equal(b['c'][..., 0], b['c'][..., 1])  # grayscale p=1
+  assert b['d'].shape == (8, 16, 16, 3) and b['e'].shape == (8, 24, 24, 3)
+  for k in 'abcde':
+    assert b[k].dtype == np.uint8 and b[k].max() > 100 and b[k].min() < 60
+  assert set(b['label']) <= set(range(10))
+
+
+def test_eval_center_crop_resizes_shorter_side():
+  import tensorflow as tf
+
+  img = np.zeros((100, 200, 3), np.uint8)
+  img[:, 100:] = 255  # right half white
+  out = augment.center_crop(
+    tf.constant(img), ViewSpec(size=56, crop='center', resize_ratio=64 / 56)
+  )
+  out = out.numpy()
+  assert out.shape == (56, 56, 3)
+  # shorter side 100 -> 64, long side 128; the centre 56 columns straddle the edge at 64
+  assert out[:, :20].max() < 5 and out[:, -20:].min() > 250
+
+
+def test_bad_view_option():
+  with pytest.raises(ValueError, match='unknown view option'):
+    pipeline.views_from_config({'v': {'size': 32, 'colour_jiter': 0.8}})
+
+
+# --- determinism, resume, hosts --------------------------------------------------------------------
+
+
+def test_deterministic_for_a_seed():
+  src = sources.open_split('digits_m', 'train', process_index=0, process_count=1)
+  views = {'v': augment.moco_strong_view(32, blur_prob=1.0, solarize_prob=0.2)}
+  a = _take(pipeline.train_iterator(src, views, batch_size=16, seed=7), 3)
+  b = _take(pipeline.train_iterator(src, views, batch_size=16, seed=7), 3)
+  c = _take(pipeline.train_iterator(src, views, batch_size=16, seed=8), 1)
+  for x, y in zip(a, b, strict=True):
+    np.testing.assert_array_equal(x['v'], y['v'])
+    np.testing.assert_array_equal(x['label'], y['label'])
+  assert not np.array_equal(a[0]['v'], c[0]['v'])
+
+
+def test_resume_at_a_step_across_epochs(folder):
+  src = sources.open_split(f'folder:{folder}', 'val', process_index=0, process_count=1)  # 10 files
+  views = {'v': ViewSpec(size=16, jitter_prob=0.8)}
+  full = _take(pipeline.train_iterator(src, views, batch_size=4, seed=1), 8)  # 3.2 epochs
+  it = pipeline.train_iterator(src, views, batch_size=4, seed=1)
+  _take(it, 3)
+  resumed = _take(
+    pipeline.train_iterator(src, views, batch_size=4, seed=1, start_index=it.next_index), 5
+  )
+  for x, y in zip(full[3:], resumed, strict=True):
+    np.testing.assert_array_equal(x['v'], y['v'])
+    np.testing.assert_array_equal(x['label'], y['label'])
+  # Each epoch is a fresh permutation of the 10 files.
+  labels = np.concatenate([b['label'] for b in full])
+  assert sorted(labels[:10]) == sorted(labels[10:20])
+
+
+def test_hosts_read_disjoint_parts(imagenet_dir):
+  seen = []
+  for p in range(2):
+    src = sources.open_split('imagenet2012', 'train', data_dir=imagenet_dir, process_index=p,
+                             process_count=2)  # fmt: skip
+    batches = list(pipeline.eval_iterator(src, _views(32, crop='center'), batch_size=3,
+                                          process_count=2))  # fmt: skip
+    seen.append({_h(im) for b in batches for im, m in zip(b['v'], b['mask'], strict=True) if m})
+  assert len(seen[0]) == len(seen[1]) == 6
+  assert not seen[0] & seen[1]
+
+
+def test_two_real_processes_read_disjoint_examples(tmp_path):
+  """jax.distributed on loopback: each process opens the split with its own process index."""
+  script = textwrap.dedent(f"""
+    import sys, hashlib, jax
+    sys.path.insert(0, {ROOT!r})
+    pid = int(sys.argv[1])
+    jax.distributed.initialize('127.0.0.1:' + sys.argv[2], num_processes=2, process_id=pid)
+    from moma_jax.data import sources, pipeline
+    from moma_jax.data.augment import ViewSpec
+    src = sources.open_split('digits_m', 'test')
+    it = pipeline.eval_iterator(src, {{'v': ViewSpec(size=32, crop='center')}}, batch_size=64,
+                                process_count=jax.process_count())
+    with open(sys.argv[3], 'w') as f:
+      for b in it:
+        for im, m in zip(b['v'], b['mask']):
+          if m:
+            f.write(hashlib.md5(im.tobytes()).hexdigest() + '\\n')
+  """)
+  path = tmp_path / 'proc.py'
+  path.write_text(script)
+  import socket
+
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    port = str(s.getsockname()[1])
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': ''}
+  procs = [
+    subprocess.Popen([sys.executable, str(path), str(i), port, str(tmp_path / f'{i}.txt')], env=env)
+    for i in range(2)
+  ]
+  assert [p.wait(timeout=240) for p in procs] == [0, 0]
+  parts = [set((tmp_path / f'{i}.txt').read_text().split()) for i in range(2)]
+  assert len(parts[0]) == len(parts[1]) == 360 and not parts[0] & parts[1]
+
+
+def test_eval_sees_every_example_exactly_once_with_padding():
+  xte, _ = embedded.load('test')
+  expected = sorted(_h(x) for x in xte)
+  got = []
+  for p in range(3):  # 720 examples over 3 hosts, batch 50 -> 5 batches each, last one padded
+    src = sources.open_split('digits_m', 'test', process_index=p, process_count=3)
+    batches = list(pipeline.eval_iterator(src, _views(32, crop='center', resize_ratio=1.0),
+                                          batch_size=50, process_count=3))  # fmt: skip
+    assert len(batches) == 5
+    got += [_h(im) for b in batches for im, m in zip(b['v'], b['mask'], strict=True) if m]
+  assert sorted(got) == expected
+
+
+# --- bad input -------------------------------------------------------------------------------------
+
+
+def test_empty_class_folder(tmp_path):
+  os.makedirs(tmp_path / 'train' / 'a')
+  os.makedirs(tmp_path / 'train' / 'b')
+  Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / 'train' / 'a' / 'x.png')
+  with pytest.raises(sources.DataError, match=r'train/b holds no images'):
+    sources.open_split(f'folder:{tmp_path}', 'train', process_index=0, process_count=1)
+
+
+def test_unknown_dataset_name():
+  with pytest.raises(sources.DataError, match="unknown dataset 'imagenet2013'"):
+    sources.open_split('imagenet2013', 'train', process_index=0, process_count=1)
+
+
+def test_unprepared_imagenet_says_how_to_prepare(tmp_path):
+  with pytest.raises(sources.DataError, match='manual_dir'):
+    sources.open_split('imagenet2012', 'train', data_dir=str(tmp_path), process_index=0,
+                       process_count=1)  # fmt: skip
+
+
+def test_missing_split(imagenet_dir):
+  with pytest.raises(sources.DataError, match="no split 'val'"):
+    sources.open_split('imagenet2012', 'val', data_dir=imagenet_dir, process_index=0,
+                       process_count=1)  # fmt: skip
+
+
+# --- delivery to devices and on-device mixing ------------------------------------------------------
+
+
+def test_global_batch_over_8_devices():
+  mesh = jax.sharding.Mesh(np.array(jax.devices()).reshape(8), ('data',))
+  per_host = device.check_batch_size(16, mesh, ('data',))
+  sharding = device.batch_sharding(mesh, ('data',))
+  local = {'v': np.arange(per_host * 4).reshape(per_host, 2, 2).astype(np.uint8)}
+  out = list(device.prefetch_to_device([local, local, local], sharding))
+  assert len(out) == 3
+  arr = out[0]['v']
+  assert arr.shape == (16, 2, 2) and len(arr.addressable_shards) == 8
+  np.testing.assert_array_equal(np.asarray(arr), local['v'])
+  with pytest.raises(ValueError, match='not divisible by the 8 data-parallel devices'):
+    device.check_batch_size(12, mesh, ('data',))
+
+
+def test_mixup_cutmix_labels_sum_to_one_and_match_areas():
+  b, h, w = 4, 16, 16
+  images = jnp.broadcast_to(jnp.arange(b, dtype=jnp.float32)[:, None, None, None], (b, h, w, 3))
+  targets = jax.nn.one_hot(jnp.arange(b), b)
+  for seed in range(20):
+    for kw in ({'mixup_alpha': 0.0}, {'cutmix_alpha': 0.0}, {}):
+      out, t = mixing.mixup_cutmix(jax.random.key(seed), images, targets, **kw)
+      np.testing.assert_allclose(t.sum(-1), 1.0, atol=1e-6)
+      if kw.get('mixup_alpha') == 0.0:  # cutmix: label weight == fraction of own pixels
+        own = (out[..., 0] == images[..., 0]).mean(axis=(1, 2))
+        if b % 2 == 0:
+          np.testing.assert_allclose(own, t[jnp.arange(b), jnp.arange(b)], atol=1e-6)
+      if kw.get('cutmix_alpha') == 0.0:  # mixup: pixel value is the label-weighted mean
+        expected = (t * jnp.arange(b, dtype=jnp.float32)).sum(-1)
+        np.testing.assert_allclose(out[:, 0, 0, 0], expected, atol=1e-5)
+
+
+def test_random_erasing_and_normalize():
+  x = mixing.normalize(jnp.full((8, 16, 16, 3), 255, jnp.uint8))
+  np.testing.assert_allclose(
+    x[0, 0, 0], (1 - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225]), rtol=1e-6
+  )
+  erased = mixing.random_erasing(jax.random.key(0), x, prob=1.0)
+  changed = (erased != x).any(-1).mean(axis=(1, 2))
+  assert (changed > 0).all() and (changed <= 1 / 3 + 0.05).all()
+  assert (mixing.random_erasing(jax.random.key(0), x, prob=0.0) == x).all()
