@@ -60,9 +60,9 @@ def _embedded(split: str, process_index: int, process_count: int) -> HostSplit:
 def list_image_folder(root: str, split: str) -> tuple[list[str], list[int], list[str]]:
   """(files, labels, class names) of an image folder, files sorted by class then name."""
   split_dir = os.path.join(root, split)
-  if not os.path.isdir(root):
+  if not tf.io.gfile.isdir(root):
     raise DataError(f'image folder {root} does not exist')
-  if not os.path.isdir(split_dir):
+  if not tf.io.gfile.isdir(split_dir):
     if split != 'train':
       raise DataError(f'image folder {root} has no {split!r} sub-folder ({split_dir})')
     split_dir = root
