@@ -1,0 +1,132 @@
+"""Shared config pieces: argument parsing, the MOMA defaults of the paper, runlocal shrinking."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ml_collections
+
+# Paper defaults (REFERENCE section 1): ImageNet-1K 224px, mask 90%, batch 4096, AdamW blr
+# 1.5e-4 (lr = blr * batch / 256), wd 0.05, betas (0.9, 0.95), 100 epochs with 20 warm-up.
+IMAGENET = dict(name='imagenet2012', train_split='train', eval_split='validation')
+
+
+def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
+  """'runlocal,variant=S/16,steps=100' -> ConfigDict, values typed by ``defaults``.
+
+  A bare key sets a boolean to True; an unknown key is an error.
+  """
+  out = ml_collections.ConfigDict(defaults)
+  for item in filter(None, (arg or '').split(',')):
+    key, eq, value = item.partition('=')
+    if key not in defaults:
+      raise ValueError(f'unknown config argument {key!r}; known: {", ".join(sorted(defaults))}')
+    default = defaults[key]
+    if not eq:
+      if not isinstance(default, bool):
+        raise ValueError(f'config argument {key!r} needs a value ({key}=...)')
+      out[key] = True
+    elif isinstance(default, bool):
+      out[key] = value.lower() in ('1', 'true', 'yes')
+    elif default is None:
+      out[key] = value
+    else:
+      out[key] = type(default)(value)
+  return out
+
+
+def teacher(checkpoint: str = '', variant: str = 'B/16', weight: float = 1.0,
+            student_view: str = 'masked') -> ml_collections.ConfigDict:  # fmt: skip
+  """A teacher entry: converted checkpoint directory (or '' for a random one of ``variant``)."""
+  return ml_collections.ConfigDict(
+    dict(checkpoint=checkpoint, variant=variant, weight=weight, student_view=student_view)
+  )
+
+
+def moma_config(name: str, args: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The full MOMA config with the paper's defaults; settings fill in teachers and student."""
+  c = ml_collections.ConfigDict()
+  c.name = name
+  c.seed = 0
+  c.batch_size = 4096
+  c.num_epochs = 100.0
+  c.num_train_steps = 0  # > 0 overrides num_epochs
+  c.stop_at_step = 0  # > 0: checkpoint and exit at this step (as if preempted); rerun to resume
+  c.log_every = 50
+  c.checkpoint_every = 1000
+  c.keep_checkpoints = 3
+
+  c.data = dict(
+    **IMAGENET,
+    data_dir=None,
+    manual_dir=None,
+    image_size=224,
+    shuffle_buffer=10_000,
+    eval_resize_ratio=256 / 224,
+    # One view per name; 'strong' shares the teacher's crop (same geometry) and adds the MoCo v3
+    # view-1 strong augmentation. Only the views the teachers need are used.
+    views=dict(
+      teacher=dict(size=224, scale=(0.2, 1.0)),
+      strong=dict(
+        size=224,
+        scale=(0.2, 1.0),
+        share_crop_with='teacher',
+        jitter_prob=0.8,
+        grayscale_prob=0.2,
+        blur_prob=1.0,
+        solarize_prob=0.0,
+      ),  # fmt: skip
+    ),
+  )
+  c.student = dict(checkpoint='', variant='B/16', dtype='float32', drop_path=0.0)
+  c.teachers = ml_collections.ConfigDict()
+  c.teacher_dtype = 'float32'
+  c.moma = dict(
+    mask_ratio=0.9,
+    align='both',  # 'cls' | 'patch' | 'both'
+    teacher_norm='own+ln',  # 'own+ln' | 'own' | 'ln'
+    smooth_l1_beta=1.0,
+    per_teacher_projector=True,
+    mask_teacher=False,
+    mask_strong_view=True,
+  )
+  c.optim = dict(
+    base_lr=1.5e-4, min_lr=0.0, weight_decay=0.05, b1=0.9, b2=0.95, warmup_epochs=20.0,
+    grad_clip=0.0,
+  )  # fmt: skip
+  c.mesh = dict(data=-1, fsdp=1)  # FSDP: dict(data=1, fsdp=-1)
+  c.sharding_rules = [('.*', 'fsdp')]  # no-op while the fsdp axis has size 1
+  c.teacher_sharding_rules = [('.*', 'fsdp')]
+  c.eval = dict(
+    knn_every=0,
+    knn_at_end=True,
+    knn_teachers=False,
+    knn_train_split='train',
+    knn_eval_split='validation',
+    knn_max_train=0,  # 0: the whole train split as the memory bank
+    batch_size=1024,
+  )
+  if args.get('runlocal'):
+    runlocal(c)
+  return c
+
+
+def runlocal(c: ml_collections.ConfigDict) -> None:
+  """Shrinks a config to a few minutes on a 2-core CPU with the embedded digits_m dataset."""
+  c.data.name = 'digits_m'
+  c.data.train_split, c.data.eval_split = 'train', 'test'
+  c.data.image_size = 32
+  c.data.shuffle_buffer = 6000
+  c.data.eval_resize_ratio = 1.0
+  for v in c.data.views.values():
+    v.size = 32
+  c.student.variant = 'mu/4'
+  c.batch_size = 64
+  c.num_train_steps = 300
+  c.optim.warmup_epochs = 1.0
+  c.optim.base_lr = 1e-3
+  c.log_every = 25
+  c.checkpoint_every = 100
+  c.eval.update(knn_eval_split='test', knn_teachers=True, batch_size=256)
+  for t in c.teachers.values():
+    t.variant = 'mu/4'

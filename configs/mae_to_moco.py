@@ -1,0 +1,20 @@
+r"""MOMA: MAE teacher -> pre-trained MoCo v3 student, no strong augmentation.
+
+  python main.py --config=configs/mae_to_moco.py:runlocal --workdir=/tmp/mae_to_moco
+  python main.py --config=configs/mae_to_moco.py --workdir=gs://BUCKET/mae_to_moco \
+    --config.teachers.mae.checkpoint=ckpt/mae_l16 --config.student.checkpoint=ckpt/mocov3_b16 \
+    --config.data.data_dir=gs://BUCKET/tfds
+(Table 1's 84.2: ViT-L MAE teacher, ViT-B MoCo v3 student.)
+"""
+
+from configs import common
+
+
+def get_config(arg: str | None = None):
+  args = common.parse_arg(arg, runlocal=False, teacher='', student='')
+  c = common.moma_config('mae_to_moco', args)
+  c.teachers.mae = common.teacher(args.teacher, student_view='masked')
+  c.student.checkpoint = args.student
+  if args.runlocal:
+    c.teachers.mae.variant = 'mu/4'
+  return c

@@ -1,0 +1,26 @@
+r"""MOMA: MoCo v3 + MAE teachers -> a randomly initialised student of any size.
+
+L = alpha * SmoothL1(P(S(x masked)), N(T_mae(x))) + beta * SmoothL1(P(S(x masked)), N(T_moco(x)))
+The paper's strategy is a plain average: alpha = beta = 0.5. The MoCo teacher is matched with the
+strong-augmented view, the MAE teacher with the plain masked view.
+
+  python main.py --config=configs/multi_teacher.py:runlocal --workdir=/tmp/multi
+  python main.py --config=configs/multi_teacher.py:variant=S/16 --workdir=gs://BUCKET/multi_s16 \
+    --config.teachers.mae.checkpoint=ckpt/mae_b16 --config.teachers.moco.checkpoint=ckpt/mocov3_b16 \
+    --config.data.data_dir=gs://BUCKET/tfds
+"""
+
+from configs import common
+
+
+def get_config(arg: str | None = None):
+  args = common.parse_arg(arg, runlocal=False, variant='B/16', mae='', moco='', alpha=0.5, beta=0.5)
+  c = common.moma_config('multi_teacher', args)
+  c.teachers.mae = common.teacher(args.mae, weight=args.alpha, student_view='masked')
+  c.teachers.moco = common.teacher(args.moco, weight=args.beta, student_view='strong')
+  c.student.variant = args.variant
+  if args.runlocal:
+    c.student.variant = 'mu/4'
+    for t in c.teachers.values():
+      t.variant = 'mu/4'
+  return c

@@ -1,0 +1,45 @@
+r"""Entry point: python main.py --config=configs/moco_to_mae.py[:ARGS] --workdir=DIR.
+
+Every config value can be overridden: --config.moma.mask_ratio=0.85 (a misspelt key is an error).
+On a multi-host TPU pod slice or a multi-node GPU cluster, pass --jax_distributed (the same command
+on every host). Re-running the same command in the same workdir resumes from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'config file[:args]', lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'where checkpoints, metrics and exports go')
+_DISTRIBUTED = flags.DEFINE_bool(
+  'jax_distributed', False, 'call jax.distributed.initialize() (multi-host TPU / GPU clusters)'
+)
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  import jax
+
+  if _DISTRIBUTED.value:
+    jax.distributed.initialize()
+  from moma_jax import train
+
+  logging.info(
+    'JAX %s, %d processes, devices: %s', jax.__version__, jax.process_count(), jax.devices()
+  )
+  try:
+    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except (ValueError, FileNotFoundError, FileExistsError, train.NonFiniteError) as e:
+    # Bad input or diverged training: one line, no traceback.
+    logging.error('%s', e)
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == '__main__':
+  app.run(main)

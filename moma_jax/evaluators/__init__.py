@@ -1,0 +1,1 @@
+"""Evaluators: plug-ins chosen by the config; each ``run(...)`` yields (metric name, value)."""

@@ -1,0 +1,116 @@
+"""k-NN classification on frozen features (DINO's protocol): cosine similarity, k nearest
+training examples, votes weighted by exp(similarity / T)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+from moma_jax.data import device, pipeline, sources
+from moma_jax.data.augment import ViewSpec
+
+
+def knn_predict(
+  train_features: np.ndarray,
+  train_labels: np.ndarray,
+  test_features: np.ndarray,
+  *,
+  num_classes: int,
+  k: int = 20,
+  temperature: float = 0.07,
+  chunk: int = 1024,
+) -> np.ndarray:
+  """Class scores [N_test, C] from temperature-weighted votes of the k nearest (cosine) neighbours."""
+
+  def unit(x):
+    x = x.astype(np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+  train, test = unit(train_features), unit(test_features)
+  k = min(k, len(train))
+  scores = np.zeros((len(test), num_classes), np.float32)
+  for start in range(0, len(test), chunk):
+    sim = test[start : start + chunk] @ train.T
+    nn_idx = np.argpartition(-sim, k - 1, axis=1)[:, :k]
+    nn_sim = np.take_along_axis(sim, nn_idx, axis=1)
+    weights = np.exp(nn_sim / temperature)
+    votes = train_labels[nn_idx]
+    rows = np.arange(len(nn_idx))[:, None]
+    np.add.at(scores[start : start + chunk], (np.broadcast_to(rows, votes.shape), votes), weights)
+  return scores
+
+
+def extract_features(
+  features_fn: Callable[[Any, jax.Array], jax.Array],
+  params: Any,
+  source: sources.HostSplit,
+  view: ViewSpec,
+  *,
+  batch_size: int,
+  mesh: jax.sharding.Mesh,
+  data_axes: tuple[str, ...],
+  max_examples: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+  """Features [N, D] and labels [N] of every example of a split (all hosts), each counted once."""
+  per_host = device.check_batch_size(batch_size, mesh, data_axes)
+  sharding = device.batch_sharding(mesh, data_axes)
+  it = pipeline.eval_iterator(
+    source, {'image': view}, batch_size=per_host, process_count=jax.process_count()
+  )
+  fn = jax.jit(features_fn)
+  feats, labels = [], []
+  seen = 0
+  for batch in it:
+    g = device.make_global(batch, sharding)
+    f = fn(params, g['image'])
+    f, y, m = multihost_utils.process_allgather((f, g['label'], g['mask']), tiled=True)
+    feats.append(np.asarray(f)[m])
+    labels.append(np.asarray(y)[m])
+    seen += int(m.sum())
+    if max_examples and seen >= max_examples:
+      break
+  return np.concatenate(feats), np.concatenate(labels)
+
+
+class KnnEvaluator:
+  """Periodic k-NN top-1 of an encoder: train-split features as the memory bank, eval split queried."""
+
+  def __init__(
+    self,
+    *,
+    dataset: str,
+    train_split: str,
+    eval_split: str,
+    image_size: int,
+    batch_size: int,
+    mesh: jax.sharding.Mesh,
+    data_axes: tuple[str, ...],
+    data_dir: str | None = None,
+    k: int = 20,
+    temperature: float = 0.07,
+    max_train_examples: int | None = None,
+    resize_ratio: float = 256 / 224,
+  ):
+    self.train = sources.open_split(dataset, train_split, data_dir=data_dir)
+    self.test = sources.open_split(dataset, eval_split, data_dir=data_dir)
+    self.view = ViewSpec(size=image_size, crop='center', resize_ratio=resize_ratio)
+    self.kw = dict(batch_size=batch_size, mesh=mesh, data_axes=data_axes)
+    self.k, self.temperature = k, temperature
+    self.max_train = max_train_examples
+
+  def run(
+    self, features_fn: Callable[[Any, jax.Array], jax.Array], params: Any, prefix: str = 'knn'
+  ) -> Iterator[tuple[str, float]]:
+    """features_fn(params, uint8 images [B, H, W, 3]) -> [B, D]."""
+    tr_f, tr_y = extract_features(
+      features_fn, params, self.train, self.view, max_examples=self.max_train, **self.kw
+    )
+    te_f, te_y = extract_features(features_fn, params, self.test, self.view, **self.kw)
+    scores = knn_predict(
+      tr_f, tr_y, te_f, num_classes=self.train.num_classes, k=self.k, temperature=self.temperature
+    )
+    yield f'{prefix}/top1', float((scores.argmax(1) == te_y).mean())

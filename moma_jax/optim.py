@@ -1,0 +1,89 @@
+"""Optimizers and schedules (optax): AdamW with warm-up + cosine, the MAE weight-decay rule,
+frozen parameters, gradient clipping, and layer-wise learning-rate decay."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import optax
+
+NO_DECAY = re.compile(r'(^|/)(pos_embed|cls_token|mask_token|decoder_pos_embed)$')
+
+
+def path_str(path) -> str:
+  return '/'.join(str(getattr(k, 'key', getattr(k, 'name', k))) for k in path)
+
+
+def tree_paths(tree) -> Any:
+  """Same-structure tree of 'a/b/c' path strings."""
+  return jax.tree_util.tree_map_with_path(lambda p, _: path_str(p), tree)
+
+
+def decay_mask(params) -> Any:
+  """MAE rule: weight decay on matrices only; none on biases, norms, CLS / position embeddings."""
+  return jax.tree_util.tree_map_with_path(
+    lambda p, x: x.ndim >= 2 and not NO_DECAY.search(path_str(p)), params
+  )
+
+
+def learning_rate(base_lr: float, batch_size: int) -> float:
+  """MAE convention: lr = base_lr * batch_size / 256."""
+  return base_lr * batch_size / 256
+
+
+def warmup_cosine(peak: float, warmup_steps: int, total_steps: int, end: float = 0.0):
+  return optax.warmup_cosine_decay_schedule(
+    0.0, peak, max(warmup_steps, 0), max(total_steps, warmup_steps + 1), end_value=end
+  )
+
+
+def adamw(
+  schedule: Callable[[int], float] | float,
+  *,
+  b1: float = 0.9,
+  b2: float = 0.95,
+  weight_decay: float = 0.05,
+  grad_clip: float = 0.0,
+  frozen: str | None = None,
+  lr_scale: Callable[[Any], Any] | None = None,
+) -> optax.GradientTransformation:
+  """AdamW with the MAE decay mask.
+
+  Args:
+    frozen: regex over parameter paths ('student/pos_embed'); matching parameters get no update.
+    lr_scale: params -> tree of per-parameter learning-rate multipliers (layer decay).
+    grad_clip: global-norm clipping threshold; 0 disables.
+  """
+  parts = []
+  if grad_clip > 0:
+    parts.append(optax.clip_by_global_norm(grad_clip))
+  parts.append(optax.scale_by_adam(b1=b1, b2=b2))
+  parts.append(optax.add_decayed_weights(weight_decay, mask=decay_mask))
+  if lr_scale is not None:
+    parts.append(_scale_by_tree(lr_scale))
+  parts.append(optax.scale_by_learning_rate(schedule))
+  tx = optax.chain(*parts)
+  if frozen:
+    pattern = re.compile(frozen)
+    labels = lambda params: jax.tree.map(  # noqa: E731
+      lambda p: 'frozen' if pattern.search(p) else 'train', tree_paths(params)
+    )
+    tx = optax.multi_transform({'train': tx, 'frozen': optax.set_to_zero()}, labels)
+  return tx
+
+
+def _scale_by_tree(fn: Callable[[Any], Any]) -> optax.GradientTransformation:
+  """Multiplies updates by a fixed per-parameter tree computed from the params (layer decay)."""
+
+  def init(params):
+    del params
+    return optax.EmptyState()
+
+  def update(updates, state, params=None):
+    scales = fn(updates)
+    return jax.tree.map(lambda u, s: u * s, updates, scales), state
+
+  return optax.GradientTransformation(init, update)
