@@ -85,7 +85,7 @@ def to_host(tree: Any) -> Any:
 
   def one(x):
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
-      return np.asarray(multihost_utils.process_allgather(x))
+      return np.asarray(multihost_utils.process_allgather(x, tiled=True))
     return np.asarray(jax.device_get(x))
 
   return jax.tree.map(one, tree)

@@ -1,0 +1,190 @@
+"""The MOMA objective and the sharded train step."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from moma_jax import optim, sharding, train
+from moma_jax.models import vit
+from moma_jax.objectives.moma import Moma, Teacher, layer_norm, smooth_l1
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _vit(variant='mu/4', **kw):
+  return vit.ViT(**vit.decode_variant(variant).kwargs(), image_size=32, **kw)
+
+
+def _objective(**kw) -> tuple[Moma, dict]:
+  # Two teachers of different widths (the projectors map 64 -> 64 and 64 -> 96), same patch grid.
+  wide = vit.ViT(width=96, depth=1, num_heads=3, mlp_dim=384, patch_size=4, image_size=32)
+  teachers = {'mae': _vit(), 'moco': wide}
+  frozen = {
+    n: m.init(jax.random.key(i + 10), jnp.zeros((1, 32, 32, 3))) for i, (n, m) in enumerate(teachers.items())
+  }
+  obj = Moma(
+    student=_vit(),
+    teachers={
+      'mae': Teacher(teachers['mae'], 0.5, 'masked'),
+      'moco': Teacher(teachers['moco'], 0.5, 'strong'),
+    },
+    **kw,
+  )
+  return obj, frozen
+
+
+def _batch(n=16, seed=0):
+  rng = np.random.RandomState(seed)
+  return {
+    'teacher': rng.randint(0, 256, (n, 32, 32, 3)).astype(np.uint8),
+    'strong': rng.randint(0, 256, (n, 32, 32, 3)).astype(np.uint8),
+  }
+
+
+def test_smooth_l1_and_layer_norm_match_torch():
+  x = np.random.RandomState(0).randn(4, 7, 16).astype(np.float32) * 3
+  y = np.random.RandomState(1).randn(4, 7, 16).astype(np.float32)
+  for beta in (0.5, 1.0, 2.0):
+    ref = torch.nn.functional.smooth_l1_loss(torch.tensor(x), torch.tensor(y), beta=beta)
+    np.testing.assert_allclose(np.asarray(smooth_l1(x, y, beta).mean()), ref.numpy(), rtol=1e-6)
+  ref_ln = torch.nn.functional.layer_norm(torch.tensor(x), (16,), eps=1e-6)
+  np.testing.assert_allclose(np.asarray(layer_norm(x)), ref_ln.numpy(), atol=1e-5)
+
+
+def test_loss_against_a_direct_computation():
+  """align=both, own+ln: recompute the loss by hand from the models' outputs."""
+  obj, frozen = _objective()
+  params = obj.init(jax.random.key(0))
+  batch = _batch()
+  rng = jax.random.key(5)
+  loss, metrics = obj.loss(params, frozen, batch, rng)
+  k_mask, _ = jax.random.split(rng)
+  from moma_jax import masking
+  from moma_jax.data.mixing import normalize
+
+  keep = masking.random_keep_idx(k_mask, 16, 64, 0.9)
+  x, xs = normalize(batch['teacher']), normalize(batch['strong'])
+  total = 0.0
+  for name, view in (('mae', x), ('moco', xs)):
+    t = obj.teachers[name].model
+    tt, _ = t.apply(frozen[name], x)
+    tgt = np.asarray(layer_norm(tt))
+    tgt = np.concatenate([tgt[:, :1], np.take_along_axis(tgt[:, 1:], np.asarray(keep)[..., None], 1)], 1)
+    st, _ = obj.student.apply({'params': params['student']}, view, keep)
+    p = params['projectors'][name]
+    pred = np.asarray(st) @ np.asarray(p['kernel']) + np.asarray(p['bias'])
+    d = np.abs(pred - tgt)
+    l = np.where(d < 1.0, 0.5 * d * d, d - 0.5).mean()
+    np.testing.assert_allclose(metrics[f'loss/{name}'], l, rtol=1e-5)
+    total += 0.5 * l
+  np.testing.assert_allclose(loss, total, rtol=1e-5)
+
+
+def test_teacher_gets_no_gradient_and_flops():
+  obj, frozen = _objective()
+  params = obj.init(jax.random.key(0))
+  g = jax.grad(lambda f: obj.loss(params, f, _batch(), jax.random.key(1))[0])(frozen)
+  assert all(float(jnp.abs(x).max()) == 0 for x in jax.tree.leaves(g))
+  # B->B paper figure (REFERENCE section 5): ~45.9 GFLOP per image
+  b = vit.ViT(**vit.decode_variant('B/16').kwargs())
+  bb = Moma(student=b, teachers={'t': Teacher(b)}, align='cls')
+  assert 44e9 < bb.flops_per_example() < 47e9
+
+
+def test_config_mismatches_are_clear_errors():
+  t = _vit('mu/8')
+  with pytest.raises(ValueError, match='patch tokens cannot be aligned'):
+    Moma(student=_vit(), teachers={'t': Teacher(t)}, align='both')
+  with pytest.raises(ValueError, match='takes 48px images'):
+    Moma(student=_vit(), teachers={'t': Teacher(vit.ViT(**vit.decode_variant('mu/4').kwargs(), image_size=48))})
+  with pytest.raises(ValueError, match="align='diag'"):
+    Moma(student=_vit(), teachers={'t': Teacher(_vit())}, align='diag')
+
+
+def _run_steps(mesh_axes, devices, steps=3):
+  obj, frozen = _objective()
+  mesh = sharding.make_mesh(mesh_axes, devices)
+  # Adam moves every parameter by ~lr whatever its gradient's size, so gradients that are zero up
+  # to float round-off (whose summation order differs across shardings) differ by O(lr) after
+  # the update: lr = 1e-4 keeps that under the 1e-5 tolerance.
+  tx = optim.adamw(1e-4, frozen=obj.frozen_pattern)
+  state, state_sh, _ = train.create_state(obj, tx, mesh, [('.*', 'fsdp')], jax.random.key(0))
+  frozen_sh = sharding.infer_shardings(frozen, mesh, [('.*', 'fsdp')])
+  frozen = jax.device_put(frozen, frozen_sh)
+  before = sharding.to_host(frozen)
+  step = train.jit_train_step(obj, tx, lambda s: 1e-4, mesh, state_sh, frozen_sh)
+  from moma_jax.data import device
+
+  bsh = device.batch_sharding(mesh, sharding.data_axes(mesh))
+  losses = []
+  for i in range(steps):
+    batch = device.make_global(_batch(16, seed=i), bsh)
+    state, m = step(state, frozen, batch, jax.random.key(42))
+    losses.append(float(m['loss']))
+  after = sharding.to_host(frozen)
+  jax.tree.map(np.testing.assert_array_equal, before, after)  # teachers untouched
+  return losses, sharding.to_host(state.params), state
+
+
+def test_sharded_steps_match_single_device():
+  devs = jax.devices()
+  assert len(devs) == 8
+  ref_loss, ref_params, _ = _run_steps({'data': 1}, devs[:1])
+  for axes in ({'data': 8, 'fsdp': 1}, {'data': 1, 'fsdp': 8}, {'data': 2, 'fsdp': 4}):
+    loss, params, state = _run_steps(axes, devs)
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5), params, ref_params)
+    if axes.get('fsdp', 1) > 1:  # parameters really are split
+      qkv = state.params['student']['blocks_0']['attn']['qkv']['kernel']
+      assert qkv.addressable_shards[0].data.size < qkv.size
+
+
+def test_two_processes_match_one(tmp_path):
+  """jax.distributed on loopback: 2 processes x 4 CPU devices == 1 process x 8 devices."""
+  ref_loss, ref_params, _ = _run_steps({'data': 8}, jax.devices())
+  script = textwrap.dedent(f"""
+    import os, sys
+    sys.path.insert(0, {ROOT!r}); sys.path.insert(0, {os.path.join(ROOT, 'tests')!r})
+    import jax
+    jax.config.update('jax_default_matmul_precision', 'highest')
+    pid = int(sys.argv[1])
+    jax.distributed.initialize('127.0.0.1:' + sys.argv[2], num_processes=2, process_id=pid)
+    import numpy as np
+    import test_moma as t
+    from moma_jax.data import device
+    orig = device.make_global
+    def local_slice(batch, sharding):  # each process contributes its half of the global batch
+      half = {{k: v[pid * 8:(pid + 1) * 8] for k, v in batch.items()}}
+      return orig(half, sharding)
+    device.make_global = local_slice
+    losses, params, _ = t._run_steps({{'data': 8}}, jax.devices())
+    if pid == 0:
+      flat = {{'/'.join(map(str, k)): v for k, v in jax.tree_util.tree_flatten_with_path(params)[0]}}
+      np.savez(sys.argv[3], losses=np.array(losses), **{{k.replace("'", ''): v for k, v in flat.items()}})
+  """)
+  path = tmp_path / 'proc.py'
+  path.write_text(script)
+  import socket
+
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    port = str(s.getsockname()[1])
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': '--xla_force_host_platform_device_count=4'}
+  out = tmp_path / 'out.npz'
+  procs = [subprocess.Popen([sys.executable, str(path), str(i), port, str(out)], env=env) for i in range(2)]
+  assert [p.wait(timeout=300) for p in procs] == [0, 0]
+  got = np.load(out)
+  np.testing.assert_allclose(got['losses'], ref_loss, rtol=1e-5)
+  flat = {'/'.join(map(str, k)).replace("'", ''): v for k, v in jax.tree_util.tree_flatten_with_path(ref_params)[0]}
+  assert len(flat) == len(got.files) - 1
+  for k, v in flat.items():
+    np.testing.assert_allclose(got[k], v, atol=1e-5, rtol=1e-5)
