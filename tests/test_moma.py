@@ -29,7 +29,8 @@ def _objective(**kw) -> tuple[Moma, dict]:
   wide = vit.ViT(width=96, depth=1, num_heads=3, mlp_dim=384, patch_size=4, image_size=32)
   teachers = {'mae': _vit(), 'moco': wide}
   frozen = {
-    n: m.init(jax.random.key(i + 10), jnp.zeros((1, 32, 32, 3))) for i, (n, m) in enumerate(teachers.items())
+    n: m.init(jax.random.key(i + 10), jnp.zeros((1, 32, 32, 3)))
+    for i, (n, m) in enumerate(teachers.items())
   }
   obj = Moma(
     student=_vit(),
@@ -78,7 +79,9 @@ def test_loss_against_a_direct_computation():
     t = obj.teachers[name].model
     tt, _ = t.apply(frozen[name], x)
     tgt = np.asarray(layer_norm(tt))
-    tgt = np.concatenate([tgt[:, :1], np.take_along_axis(tgt[:, 1:], np.asarray(keep)[..., None], 1)], 1)
+    tgt = np.concatenate(
+      [tgt[:, :1], np.take_along_axis(tgt[:, 1:], np.asarray(keep)[..., None], 1)], 1
+    )
     st, _ = obj.student.apply({'params': params['student']}, view, keep)
     p = params['projectors'][name]
     pred = np.asarray(st) @ np.asarray(p['kernel']) + np.asarray(p['bias'])
@@ -105,7 +108,10 @@ def test_config_mismatches_are_clear_errors():
   with pytest.raises(ValueError, match='patch tokens cannot be aligned'):
     Moma(student=_vit(), teachers={'t': Teacher(t)}, align='both')
   with pytest.raises(ValueError, match='takes 48px images'):
-    Moma(student=_vit(), teachers={'t': Teacher(vit.ViT(**vit.decode_variant('mu/4').kwargs(), image_size=48))})
+    Moma(
+      student=_vit(),
+      teachers={'t': Teacher(vit.ViT(**vit.decode_variant('mu/4').kwargs(), image_size=48))},
+    )
   with pytest.raises(ValueError, match="align='diag'"):
     Moma(student=_vit(), teachers={'t': Teacher(_vit())}, align='diag')
 
@@ -142,7 +148,9 @@ def test_sharded_steps_match_single_device():
   for axes in ({'data': 8, 'fsdp': 1}, {'data': 1, 'fsdp': 8}, {'data': 2, 'fsdp': 4}):
     loss, params, state = _run_steps(axes, devs)
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-5, atol=1e-6)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5), params, ref_params)
+    jax.tree.map(
+      lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5), params, ref_params
+    )
     if axes.get('fsdp', 1) > 1:  # parameters really are split
       qkv = state.params['student']['blocks_0']['attn']['qkv']['kernel']
       assert qkv.addressable_shards[0].data.size < qkv.size
@@ -178,13 +186,22 @@ def test_two_processes_match_one(tmp_path):
   with socket.socket() as s:
     s.bind(('127.0.0.1', 0))
     port = str(s.getsockname()[1])
-  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': '--xla_force_host_platform_device_count=4'}
+  env = {
+    **os.environ,
+    'JAX_PLATFORMS': 'cpu',
+    'XLA_FLAGS': '--xla_force_host_platform_device_count=4',
+  }
   out = tmp_path / 'out.npz'
-  procs = [subprocess.Popen([sys.executable, str(path), str(i), port, str(out)], env=env) for i in range(2)]
+  procs = [
+    subprocess.Popen([sys.executable, str(path), str(i), port, str(out)], env=env) for i in range(2)
+  ]
   assert [p.wait(timeout=300) for p in procs] == [0, 0]
   got = np.load(out)
   np.testing.assert_allclose(got['losses'], ref_loss, rtol=1e-5)
-  flat = {'/'.join(map(str, k)).replace("'", ''): v for k, v in jax.tree_util.tree_flatten_with_path(ref_params)[0]}
+  flat = {
+    '/'.join(map(str, k)).replace("'", ''): v
+    for k, v in jax.tree_util.tree_flatten_with_path(ref_params)[0]
+  }
   assert len(flat) == len(got.files) - 1
   for k, v in flat.items():
     np.testing.assert_allclose(got[k], v, atol=1e-5, rtol=1e-5)

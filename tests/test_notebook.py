@@ -34,7 +34,15 @@ def test_notebook_runs_top_to_bottom(tmp_path):
   nb = json.load(open(NOTEBOOK))
   script = tmp_path / 'nb.py'
   script.write_text(_to_script(nb))
-  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': '', 'MPLBACKEND': 'Agg', 'PYTHONPATH': ROOT}
-  r = subprocess.run([sys.executable, str(script)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  env = {
+    **os.environ,
+    'JAX_PLATFORMS': 'cpu',
+    'XLA_FLAGS': '',
+    'MPLBACKEND': 'Agg',
+    'PYTHONPATH': ROOT,
+  }
+  r = subprocess.run(
+    [sys.executable, str(script)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+  )
   assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
   assert 'knn/student/top1' in r.stdout

@@ -54,7 +54,9 @@ def test_each_setting_reduces_the_loss(tmp_path, name):
 def test_resume_matches_uninterrupted(tmp_path):
   full, parts = tmp_path / 'full', tmp_path / 'parts'
   train.train_and_evaluate(_config('moco_to_mae', num_train_steps=40), str(full))
-  out = train.train_and_evaluate(_config('moco_to_mae', num_train_steps=40, stop_at_step=20), str(parts))
+  out = train.train_and_evaluate(
+    _config('moco_to_mae', num_train_steps=40, stop_at_step=20), str(parts)
+  )
   assert out['step'] == 20 and not os.path.exists(parts / 'export')
   train.train_and_evaluate(_config('moco_to_mae', num_train_steps=40), str(parts))
   a = load_pretrained(os.path.join(full, 'export', 'student')).params
@@ -75,7 +77,9 @@ def test_pretrained_teacher_and_student_from_converted_dirs(tmp_path):
   for name, variant in (('teacher', 'mu/4'), ('student', 'mu/4')):
     m = vit.ViT(**vit.decode_variant(variant).kwargs(), image_size=32)
     params = m.init(jax.random.key(len(dirs)), jnp.zeros((1, 32, 32, 3)))
-    spec = pretrained.ComponentSpec('ViT', {**vit.decode_variant(variant).kwargs(), 'image_size': 32})
+    spec = pretrained.ComponentSpec(
+      'ViT', {**vit.decode_variant(variant).kwargs(), 'image_size': 32}
+    )
     dirs[name] = str(tmp_path / name)
     pretrained.save_pretrained(dirs[name], {'encoder': spec}, {'encoder': params}, {})
   c = _config('moco_to_mae', num_train_steps=20)
@@ -84,7 +88,9 @@ def test_pretrained_teacher_and_student_from_converted_dirs(tmp_path):
   train.train_and_evaluate(c, str(tmp_path / 'run'))
   before = load_pretrained(dirs['student']).params
   after = load_pretrained(str(tmp_path / 'run' / 'export' / 'student')).params
-  diff = jax.tree.map(lambda x, y: float(np.abs(np.asarray(x) - np.asarray(y)).max()), before, after)
+  diff = jax.tree.map(
+    lambda x, y: float(np.abs(np.asarray(x) - np.asarray(y)).max()), before, after
+  )
   assert max(jax.tree.leaves(diff)) > 0  # trained from the given student
   assert diff['params']['pos_embed'] == 0  # the fixed sin-cos table stays frozen
 
@@ -108,7 +114,13 @@ def test_main_runlocal_end_to_end(tmp_path):
 
 
 def test_main_rejects_misspelt_key_and_bad_batch(tmp_path):
-  r = _main(['--config=configs/moco_to_mae.py:runlocal', f'--workdir={tmp_path}', '--config.moma.mask_ratoi=0.8'])
+  r = _main(
+    [
+      '--config=configs/moco_to_mae.py:runlocal',
+      f'--workdir={tmp_path}',
+      '--config.moma.mask_ratoi=0.8',
+    ]
+  )
   assert r.returncode != 0 and 'mask_ratoi' in r.stderr
   r = _main(['--config=configs/moco_to_mae.py:runlocal,typo', f'--workdir={tmp_path}'])
   assert r.returncode != 0 and "unknown config argument 'typo'" in r.stderr
