@@ -86,9 +86,9 @@ def test_loss_against_a_direct_computation():
     p = params['projectors'][name]
     pred = np.asarray(st) @ np.asarray(p['kernel']) + np.asarray(p['bias'])
     d = np.abs(pred - tgt)
-    l = np.where(d < 1.0, 0.5 * d * d, d - 0.5).mean()
-    np.testing.assert_allclose(metrics[f'loss/{name}'], l, rtol=1e-5)
-    total += 0.5 * l
+    expected = np.where(d < 1.0, 0.5 * d * d, d - 0.5).mean()
+    np.testing.assert_allclose(metrics[f'loss/{name}'], expected, rtol=1e-5)
+    total += 0.5 * expected
   np.testing.assert_allclose(loss, total, rtol=1e-5)
 
 
