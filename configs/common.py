@@ -43,41 +43,72 @@ def teacher(checkpoint: str = '', variant: str = 'B/16', weight: float = 1.0,
   )
 
 
-def moma_config(name: str, args: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """The full MOMA config with the paper's defaults; settings fill in teachers and student."""
+def optim_config(**overrides: Any) -> ml_collections.ConfigDict:
+  """optax optimizer settings: name adamw | lars | sgd; lr = base_lr * batch / 256.
+
+  warmup_steps > 0 overrides warmup_epochs; grad_clip > 0 clips the global norm; layer_decay < 1
+  scales each layer's lr by layer_decay ** (depth + 1 - layer id) (MAE fine-tuning, AdamW only).
+  """
+  o = dict(
+    name='adamw', base_lr=1.5e-4, min_lr=0.0, weight_decay=0.05, b1=0.9, b2=0.999,
+    warmup_epochs=5.0, warmup_steps=0, grad_clip=0.0, layer_decay=1.0,
+  )  # fmt: skip
+  o.update(overrides)
+  return ml_collections.ConfigDict(o)
+
+
+def knn_evaluator(**overrides: Any) -> ml_collections.ConfigDict:
+  """k-NN (k=20, T=0.07, cosine) on the model's features; train split = memory bank."""
+  e = dict(
+    every_steps=0, at_end=True, train_split='train', eval_split='validation',
+    max_train=0,  # 0: the whole train split as the memory bank
+    batch_size=1024, teachers=False, raw_pixels=False,
+  )  # fmt: skip
+  e.update(overrides)
+  return ml_collections.ConfigDict(e)
+
+
+def classification_evaluator(**overrides: Any) -> ml_collections.ConfigDict:
+  """Top-1 / top-5 over the whole evaluation split."""
+  e = dict(every_steps=0, at_end=True, split='validation', batch_size=1024)
+  e.update(overrides)
+  return ml_collections.ConfigDict(e)
+
+
+def base_config(name: str) -> ml_collections.ConfigDict:
+  """What every experiment has: run length, logging, checkpoints, mesh, data."""
   c = ml_collections.ConfigDict()
   c.name = name
   c.seed = 0
-  c.batch_size = 4096
+  c.batch_size = 1024
   c.num_epochs = 100.0
   c.num_train_steps = 0  # > 0 overrides num_epochs
   c.stop_at_step = 0  # > 0: checkpoint and exit at this step (as if preempted); rerun to resume
   c.log_every = 50
   c.checkpoint_every = 1000
   c.keep_checkpoints = 3
-
+  c.mesh = dict(data=-1, fsdp=1)  # FSDP: dict(data=1, fsdp=-1)
+  c.sharding_rules = [('.*', 'fsdp')]  # no-op while the fsdp axis has size 1
+  c.frozen_sharding_rules = [('.*', 'fsdp')]
   c.data = dict(
-    **IMAGENET,
-    data_dir=None,
-    manual_dir=None,
-    image_size=224,
-    shuffle_buffer=10_000,
-    eval_resize_ratio=256 / 224,
-    # One view per name; 'strong' shares the teacher's crop (same geometry) and adds the MoCo v3
-    # view-1 strong augmentation. Only the views the teachers need are used.
-    views=dict(
-      teacher=dict(size=224, scale=(0.2, 1.0)),
-      strong=dict(
-        size=224,
-        scale=(0.2, 1.0),
-        share_crop_with='teacher',
-        jitter_prob=0.8,
-        grayscale_prob=0.2,
-        blur_prob=1.0,
-        solarize_prob=0.0,
-      ),  # fmt: skip
-    ),
-  )
+    **IMAGENET, data_dir=None, manual_dir=None, image_size=224, shuffle_buffer=10_000,
+    eval_resize_ratio=256 / 224, views={},
+  )  # fmt: skip
+  return c
+
+
+def moma_config(name: str, args: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The full MOMA config with the paper's defaults; settings fill in teachers and student."""
+  c = base_config(name)
+  c.objective = 'moma'
+  c.batch_size = 4096
+  # One view per name; 'strong' shares the teacher's crop (same geometry) and adds the MoCo v3
+  # view-1 strong augmentation. Only the views the teachers need are produced.
+  c.data.views = dict(
+    teacher=dict(size=224, scale=(0.2, 1.0)),
+    strong=dict(size=224, scale=(0.2, 1.0), share_crop_with='teacher', jitter_prob=0.8,
+                grayscale_prob=0.2, blur_prob=1.0, solarize_prob=0.0),
+  )  # fmt: skip
   c.student = dict(checkpoint='', variant='B/16', dtype='float32', drop_path=0.0)
   c.teachers = ml_collections.ConfigDict()
   c.teacher_dtype = 'float32'
@@ -90,22 +121,8 @@ def moma_config(name: str, args: ml_collections.ConfigDict) -> ml_collections.Co
     mask_teacher=False,
     mask_strong_view=True,
   )
-  c.optim = dict(
-    base_lr=1.5e-4, min_lr=0.0, weight_decay=0.05, b1=0.9, b2=0.95, warmup_epochs=20.0,
-    grad_clip=0.0,
-  )  # fmt: skip
-  c.mesh = dict(data=-1, fsdp=1)  # FSDP: dict(data=1, fsdp=-1)
-  c.sharding_rules = [('.*', 'fsdp')]  # no-op while the fsdp axis has size 1
-  c.teacher_sharding_rules = [('.*', 'fsdp')]
-  c.eval = dict(
-    knn_every=0,
-    knn_at_end=True,
-    knn_teachers=False,
-    knn_train_split='train',
-    knn_eval_split='validation',
-    knn_max_train=0,  # 0: the whole train split as the memory bank
-    batch_size=1024,
-  )
+  c.optim = optim_config(base_lr=1.5e-4, b2=0.95, warmup_epochs=20.0)
+  c.evaluators = dict(knn=knn_evaluator())
   if args.get('runlocal'):
     runlocal(c)
   return c
@@ -120,13 +137,64 @@ def runlocal(c: ml_collections.ConfigDict) -> None:
   c.data.eval_resize_ratio = 1.0
   for v in c.data.views.values():
     v.size = 32
-  c.student.variant = 'mu/4'
+  if 'student' in c:
+    c.student.variant = 'mu/4'
   c.batch_size = 64
   c.num_train_steps = 300
   c.optim.warmup_epochs = 1.0
   c.optim.base_lr = 1e-3
   c.log_every = 25
   c.checkpoint_every = 100
-  c.eval.update(knn_eval_split='test', knn_teachers=True, batch_size=256)
-  for t in c.teachers.values():
-    t.variant = 'mu/4'
+  c.evaluators.knn.update(eval_split='test', teachers=True, raw_pixels=True, batch_size=256)
+
+
+def classification_config(name: str, args: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Supervised training of a ViT classifier (fine-tuning / linear probe / transfer)."""
+  c = base_config(name)
+  c.objective = 'classification'
+  c.classifier = dict(
+    checkpoint=args.get('checkpoint', ''),  # converted or exported encoder; '' = from scratch
+    variant='B/16',  # used without a checkpoint
+    num_classes=0,  # 0: from the dataset
+    pool='gap',  # 'gap' (mean of patch tokens + fc_norm, MAE) or 'cls'
+    linear_probe=False,
+    drop_path=0.1,
+    dtype='float32',
+    label_smoothing=0.1,
+    mixup_alpha=0.8,
+    cutmix_alpha=1.0,
+    mix_prob=1.0,
+    switch_prob=0.5,
+    erase_prob=0.25,
+  )
+  c.data.views = dict(image=dict(size=224, scale=(0.08, 1.0), randaugment=(2, 9.0)))
+  c.evaluators = dict(
+    classification=classification_evaluator(every_steps=0),
+    knn=knn_evaluator(at_end=False),
+  )
+  return c
+
+
+def runlocal_classification(c: ml_collections.ConfigDict) -> None:
+  """runlocal for classification configs: digits_m, a tiny ViT, a couple of minutes.
+
+  A light recipe (no mixup / cutmix / RandAugment / erasing / drop path, crops of at least half
+  the image): a 2-block ViT cannot learn through MAE's heavy regularisation in a few hundred steps.
+  """
+  c.classifier.update(
+    mixup_alpha=0.0, cutmix_alpha=0.0, erase_prob=0.0, label_smoothing=0.0, drop_path=0.0
+  )
+  c.data.name = 'digits_m'
+  c.data.train_split, c.data.eval_split = 'train', 'test'
+  c.data.image_size = 32
+  c.data.shuffle_buffer = 6000
+  c.data.eval_resize_ratio = 1.0
+  c.data.views = dict(image=dict(size=32, scale=(0.5, 1.0)))
+  c.classifier.variant = 'mu/4'
+  c.batch_size = 128
+  c.num_train_steps = 600
+  c.optim.warmup_steps = 40
+  c.log_every = 50
+  c.checkpoint_every = 200
+  c.evaluators.classification.update(split='test', batch_size=256)
+  c.evaluators.knn.update(eval_split='test', batch_size=256)

@@ -29,6 +29,23 @@ def decay_mask(params) -> Any:
   )
 
 
+def layer_id(path: str, depth: int) -> int:
+  """MAE's layer ids: CLS, position and patch embeddings 0; block i -> i + 1; the rest depth + 1.
+  ``path`` is a parameter path such as 'model/blocks_3/attn/qkv/kernel'."""
+  name = path.split('/', 1)[1] if path.startswith('model/') else path
+  if name.split('/')[0] in ('cls_token', 'pos_embed', 'patch_embed', 'mask_token'):
+    return 0
+  m = re.match(r'blocks_(\d+)/', name)
+  if m:
+    return int(m.group(1)) + 1
+  return depth + 1
+
+
+def layer_decay_scales(params, depth: int, decay: float) -> Any:
+  """Per-parameter lr multipliers decay ** (depth + 1 - layer_id) (MAE fine-tuning)."""
+  return jax.tree.map(lambda p: decay ** (depth + 1 - layer_id(p, depth)), tree_paths(params))
+
+
 def learning_rate(base_lr: float, batch_size: int) -> float:
   """MAE convention: lr = base_lr * batch_size / 256."""
   return base_lr * batch_size / 256
@@ -46,21 +63,16 @@ def adamw(
   b1: float = 0.9,
   b2: float = 0.95,
   weight_decay: float = 0.05,
-  grad_clip: float = 0.0,
   frozen: str | None = None,
   lr_scale: Callable[[Any], Any] | None = None,
 ) -> optax.GradientTransformation:
-  """AdamW with the MAE decay mask.
+  """AdamW with the MAE decay mask (gradient clipping, when wanted, is chained in front).
 
   Args:
     frozen: regex over parameter paths ('student/pos_embed'); matching parameters get no update.
     lr_scale: params -> tree of per-parameter learning-rate multipliers (layer decay).
-    grad_clip: global-norm clipping threshold; 0 disables.
   """
-  parts = []
-  if grad_clip > 0:
-    parts.append(optax.clip_by_global_norm(grad_clip))
-  parts.append(optax.scale_by_adam(b1=b1, b2=b2))
+  parts = [optax.scale_by_adam(b1=b1, b2=b2)]
   parts.append(optax.add_decayed_weights(weight_decay, mask=decay_mask))
   if lr_scale is not None:
     parts.append(_scale_by_tree(lr_scale))

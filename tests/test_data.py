@@ -82,7 +82,7 @@ def test_embedded_dataset_is_deterministic_and_hard_for_raw_pixels():
   np.testing.assert_array_equal(embedded.load('test')[0], xte)
   knn = KNeighborsClassifier(n_neighbors=20, metric='cosine').fit(xtr.reshape(len(xtr), -1), ytr)
   acc = (knn.predict(xte.reshape(len(xte), -1)) == yte).mean()
-  assert 0.12 < acc < 0.4, acc  # far below the ceiling, above chance (0.1)
+  assert 0.25 < acc < 0.45, acc  # far below the ceiling, well above chance (0.1)
 
 
 # --- sources and views -----------------------------------------------------------------------------

@@ -64,10 +64,10 @@ def test_smooth_l1_and_layer_norm_match_torch():
 def test_loss_against_a_direct_computation():
   """align=both, own+ln: recompute the loss by hand from the models' outputs."""
   obj, frozen = _objective()
-  params = obj.init(jax.random.key(0))
+  params, extra = obj.init(jax.random.key(0))
   batch = _batch()
   rng = jax.random.key(5)
-  loss, metrics = obj.loss(params, frozen, batch, rng)
+  loss, (metrics, _) = obj.loss(params, extra, frozen, batch, rng)
   k_mask, _ = jax.random.split(rng)
   from moma_jax import masking
   from moma_jax.data.mixing import normalize
@@ -94,8 +94,8 @@ def test_loss_against_a_direct_computation():
 
 def test_teacher_gets_no_gradient_and_flops():
   obj, frozen = _objective()
-  params = obj.init(jax.random.key(0))
-  g = jax.grad(lambda f: obj.loss(params, f, _batch(), jax.random.key(1))[0])(frozen)
+  params, extra = obj.init(jax.random.key(0))
+  g = jax.grad(lambda f: obj.loss(params, extra, f, _batch(), jax.random.key(1))[0])(frozen)
   assert all(float(jnp.abs(x).max()) == 0 for x in jax.tree.leaves(g))
   # B->B paper figure (REFERENCE section 5): ~45.9 GFLOP per image
   b = vit.ViT(**vit.decode_variant('B/16').kwargs())

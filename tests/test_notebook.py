@@ -45,4 +45,4 @@ def test_notebook_runs_top_to_bottom(tmp_path):
     [sys.executable, str(script)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
   )
   assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-  assert 'knn/student/top1' in r.stdout
+  assert 'knn/model/top1' in r.stdout

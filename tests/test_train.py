@@ -24,7 +24,7 @@ def _config(name: str, **overrides):
   c.num_train_steps = 60
   c.log_every = 10
   c.checkpoint_every = 20
-  c.eval.knn_at_end = False
+  c.evaluators.knn.at_end = False
   for k, v in overrides.items():
     node = c
     *path, leaf = k.split('.')
@@ -47,8 +47,8 @@ def test_each_setting_reduces_the_loss(tmp_path, name):
   assert last < 0.7 * first, (first, last)
   if name == 'multi_teacher':
     assert {'loss/mae', 'loss/moco'} <= set(hist[-1])
-  loaded = load_pretrained(os.path.join(tmp_path, 'export', 'student'))
-  assert loaded.model.width == 64 and os.path.exists(tmp_path / 'export' / 'student.pth')
+  loaded = load_pretrained(os.path.join(tmp_path, 'export', 'model'))
+  assert loaded.model.width == 64 and os.path.exists(tmp_path / 'export' / 'model.pth')
 
 
 def test_resume_matches_uninterrupted(tmp_path):
@@ -59,8 +59,8 @@ def test_resume_matches_uninterrupted(tmp_path):
   )
   assert out['step'] == 20 and not os.path.exists(parts / 'export')
   train.train_and_evaluate(_config('moco_to_mae', num_train_steps=40), str(parts))
-  a = load_pretrained(os.path.join(full, 'export', 'student')).params
-  b = load_pretrained(os.path.join(parts, 'export', 'student')).params
+  a = load_pretrained(os.path.join(full, 'export', 'model')).params
+  b = load_pretrained(os.path.join(parts, 'export', 'model')).params
   import jax
 
   jax.tree.map(np.testing.assert_array_equal, a, b)  # bit for bit
@@ -87,7 +87,7 @@ def test_pretrained_teacher_and_student_from_converted_dirs(tmp_path):
   c.student.checkpoint = dirs['student']
   train.train_and_evaluate(c, str(tmp_path / 'run'))
   before = load_pretrained(dirs['student']).params
-  after = load_pretrained(str(tmp_path / 'run' / 'export' / 'student')).params
+  after = load_pretrained(str(tmp_path / 'run' / 'export' / 'model')).params
   diff = jax.tree.map(
     lambda x, y: float(np.abs(np.asarray(x) - np.asarray(y)).max()), before, after
   )
@@ -106,9 +106,9 @@ def test_main_runlocal_end_to_end(tmp_path):
   r = _main(['--config=configs/moco_to_mae.py:runlocal', f'--workdir={tmp_path}'], timeout=600)
   assert r.returncode == 0, r.stderr[-3000:]
   assert 'RANDOMLY INITIALISED' in r.stderr  # says plainly that the teachers are random
-  assert 'k-NN top-1' in r.stderr
+  assert 'knn/model/top1' in r.stderr and 'knn/raw_pixels/top1' in r.stderr
   final = json.load(open(tmp_path / 'final_metrics.json'))['final']
-  assert final['step'] == 300 and 'knn/student/top1' in final and 'knn/raw_pixels/top1' in final
+  assert final['step'] == 300 and 'knn/model/top1' in final and 'knn/raw_pixels/top1' in final
   assert os.path.exists(tmp_path / 'config.json')
   assert any(f.startswith('events.out.tfevents') for f in os.listdir(tmp_path))
 

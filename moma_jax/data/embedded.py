@@ -3,7 +3,8 @@
 scikit-learn's 8x8 digits are upscaled, placed at a random position and blended (MNIST-M's
 |background - digit|) over random crops of the photos bundled with scikit-image and
 scikit-learn, with a random digit colour. Raw-pixel k-NN on plain digits is ~98%; here it is far
-below the ceiling (see README), so representation quality shows. Built deterministically in about
+below the ceiling (~35%, see README) while a 2-block ViT trained from scratch for 600 steps
+reaches ~45%: hard for pixels, learnable for features. Built deterministically in about
 a second and cached in memory; no download.
 """
 
@@ -49,14 +50,14 @@ def _render(digit: np.ndarray, photo: np.ndarray, rng: np.random.RandomState) ->
   c = rng.randint(s, min(h, w, 5 * s) + 1)
   y, x = rng.randint(h - c + 1), rng.randint(w - c + 1)
   bg = Image.fromarray(photo[y : y + c, x : x + c]).resize((s, s), Image.BILINEAR)
-  bg = np.asarray(bg, np.float32) * rng.uniform(0.6, 1.2, size=3)
-  # Digit: 8x8 (values 0..16) upscaled to 14..26 px at a random position, random colour.
-  d = rng.randint(14, 27)
+  bg = np.asarray(bg, np.float32) * rng.uniform(0.5, 0.9, size=3)
+  # Digit: 8x8 (values 0..16) upscaled to 18..28 px at a random position, random bright colour.
+  d = rng.randint(18, 29)
   glyph = Image.fromarray((digit * (255.0 / 16.0)).astype(np.uint8)).resize((d, d), Image.BICUBIC)
   mask = np.zeros((s, s), np.float32)
   oy, ox = rng.randint(s - d + 1), rng.randint(s - d + 1)
   mask[oy : oy + d, ox : ox + d] = np.asarray(glyph, np.float32) / 255.0
-  colour = rng.uniform(80, 255, size=3)
+  colour = rng.uniform(170, 255, size=3)
   out = np.abs(bg - mask[..., None] * colour)
   return np.clip(out, 0, 255).astype(np.uint8)
 

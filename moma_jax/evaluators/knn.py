@@ -105,7 +105,7 @@ class KnnEvaluator:
   def run(
     self, features_fn: Callable[[Any, jax.Array], jax.Array], params: Any, prefix: str = 'knn'
   ) -> Iterator[tuple[str, float]]:
-    """features_fn(params, uint8 images [B, H, W, 3]) -> [B, D]."""
+    """features_fn(params, uint8 images [B, H, W, 3]) -> [B, D]; ``params`` any pytree."""
     tr_f, tr_y = extract_features(
       features_fn, params, self.train, self.view, max_examples=self.max_train, **self.kw
     )
@@ -114,3 +114,47 @@ class KnnEvaluator:
       tr_f, tr_y, te_f, num_classes=self.train.num_classes, k=self.k, temperature=self.temperature
     )
     yield f'{prefix}/top1', float((scores.argmax(1) == te_y).mean())
+
+
+def main(argv: list[str] | None = None) -> int:
+  """Standalone: python -m moma_jax.evaluators.knn --checkpoint DIR --dataset NAME [...]."""
+  import argparse
+
+  from moma_jax import sharding
+  from moma_jax.data.mixing import normalize
+  from moma_jax.models.pretrained import load_pretrained
+
+  p = argparse.ArgumentParser(description='k-NN top-1 of an encoder checkpoint (CLS features)')
+  p.add_argument('--checkpoint', required=True, help='converted or exported checkpoint directory')
+  p.add_argument('--dataset', default='imagenet2012', help='digits_m, folder:/path or a tfds name')
+  p.add_argument('--data_dir', default=None)
+  p.add_argument('--train_split', default='train')
+  p.add_argument('--eval_split', default='validation')
+  p.add_argument('--batch_size', type=int, default=256)
+  p.add_argument('--k', type=int, default=20)
+  p.add_argument('--temperature', type=float, default=0.07)
+  p.add_argument('--max_train', type=int, default=0, help='cap on the memory bank (0: all)')
+  p.add_argument('--resize_ratio', type=float, default=256 / 224)
+  a = p.parse_args(argv)
+  loaded = load_pretrained(a.checkpoint)
+  model = loaded.model.clone(num_classes=0) if loaded.model.pool == 'cls' else loaded.model
+  mesh = sharding.make_mesh({'data': -1})
+  ev = KnnEvaluator(
+    dataset=a.dataset, train_split=a.train_split, eval_split=a.eval_split,
+    image_size=model.image_size, batch_size=a.batch_size, mesh=mesh, data_axes=('data',),
+    data_dir=a.data_dir, k=a.k, temperature=a.temperature, max_train_examples=a.max_train or None,
+    resize_ratio=a.resize_ratio,
+  )  # fmt: skip
+
+  def features(variables, images):
+    out, aux = model.apply(variables, normalize(images))
+    return (aux['pre_logits'] if model.pool == 'gap' else out[:, 0]).astype(jax.numpy.float32)
+
+  params = {'params': {k: v for k, v in loaded.params['params'].items() if k != 'head'}}
+  for name, value in ev.run(features, params):
+    print(f'{name}: {100 * value:.2f}%')
+  return 0
+
+
+if __name__ == '__main__':
+  raise SystemExit(main())

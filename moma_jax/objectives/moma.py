@@ -123,8 +123,8 @@ class Moma:
   def _projector(self, teacher: str) -> nn.Dense:
     return nn.Dense(self.teachers[teacher].model.width, dtype=self.student.dtype)
 
-  def init(self, rng: Array, student_params: Any | None = None) -> dict[str, Any]:
-    """Trainable parameters {'student': ..., 'projectors': {name: ...}}.
+  def init(self, rng: Array, student_params: Any | None = None) -> tuple[dict[str, Any], dict]:
+    """(trainable parameters {'student': ..., 'projectors': {name: ...}}, extra state {}).
 
     ``student_params`` (a pre-trained student's 'params') is used instead of a random init.
     """
@@ -137,7 +137,7 @@ class Moma:
     for teacher, pname in self._projector_names().items():
       if pname not in projectors:
         projectors[pname] = self._projector(teacher).init(k_proj, jnp.zeros((1, s.width)))['params']
-    return {'student': student_params, 'projectors': projectors}
+    return {'student': student_params, 'projectors': projectors}, {}
 
   @property
   def frozen_pattern(self) -> str:
@@ -172,9 +172,14 @@ class Moma:
     return tokens
 
   def loss(
-    self, params: dict[str, Any], frozen: dict[str, Any], batch: dict[str, Array], rng: Array
-  ) -> tuple[Array, dict[str, Array]]:
-    """Scalar loss and metrics. batch: {'teacher': uint8 [B,H,W,3], ['strong': uint8]}."""
+    self,
+    params: dict[str, Any],
+    extra: dict,
+    frozen: dict[str, Any],
+    batch: dict[str, Array],
+    rng: Array,
+  ) -> tuple[Array, tuple[dict[str, Array], dict]]:
+    """(loss, (metrics, extra)). batch: {'teacher': uint8 [B,H,W,3], ['strong': uint8]}."""
     k_mask, k_drop = jax.random.split(rng)
     s = self.student
     images = normalize(batch['teacher'])
@@ -211,7 +216,16 @@ class Moma:
       metrics[f'loss/{name}'] = loss_t
       total = total + t.weight * loss_t
     metrics['loss'] = total
-    return total, metrics
+    return total, (metrics, extra)
+
+  def features(self, params, extra, frozen, images: Array) -> Array:
+    """The student's CLS token on the full image: [B, D] (uint8 images in)."""
+    tokens, _ = self.student.apply({'params': params['student']}, normalize(images))
+    return tokens[:, 0].astype(jnp.float32)
+
+  def export(self, params: dict[str, Any]) -> tuple[ViT, Any]:
+    """What the trainer exports at the end: the student encoder and its parameters."""
+    return self.student, params['student']
 
   # --- cost ----------------------------------------------------------------------------------------
 

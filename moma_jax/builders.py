@@ -1,0 +1,144 @@
+"""From a config to an objective: load the checkpoints it names, build the models.
+
+The only place where objectives meet files (objectives themselves never read any).
+Returns (objective, frozen variables, pre-trained params to start from or None, notes for the log).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from moma_jax.models import pretrained, vit
+from moma_jax.objectives.classification import Classification
+from moma_jax.objectives.moma import Moma, Teacher
+
+
+def dtype(name: str):
+  if name not in ('float32', 'bfloat16'):
+    raise ValueError(f"dtype must be 'float32' or 'bfloat16', not {name!r}")
+  return jnp.dtype(name)
+
+
+def _encoder(loaded: pretrained.Pretrained, what: str) -> vit.ViT:
+  m = loaded.model
+  if m.num_classes or m.pool != 'cls':
+    raise ValueError(
+      f'{what} is a classifier (pool={m.pool}, {m.num_classes} classes); an encoder is needed '
+      '(a pre-trained MAE / MoCo v3 checkpoint, not a fine-tuned one)'
+    )
+  return m
+
+
+def _check_size(model: vit.ViT, size: int, what: str) -> None:
+  if model.image_size != size:
+    raise ValueError(
+      f'{what} takes {model.image_size}px images but data.image_size={size}; make them agree '
+      '(python -m convert --image-size resamples position embeddings)'
+    )
+
+
+def build_moma(config: ml_collections.ConfigDict) -> tuple[Moma, dict[str, Any], Any, list[str]]:
+  size = config.data.image_size
+  notes = []
+  sc = config.student
+  if sc.checkpoint:
+    loaded = pretrained.load_pretrained(
+      sc.checkpoint, dtype=dtype(sc.dtype), drop_path=sc.drop_path
+    )
+    student = _encoder(loaded, f'student checkpoint {sc.checkpoint}')
+    student_params = loaded.params['params']
+    notes.append(f'student: {sc.checkpoint} ({loaded.metadata.get("variant")})')
+  else:
+    student = vit.ViT(
+      **vit.decode_variant(sc.variant).kwargs(), image_size=size, dtype=dtype(sc.dtype),
+      drop_path=sc.drop_path,
+    )  # fmt: skip
+    student_params = None
+    notes.append(f'student: randomly initialised {sc.variant}')
+  _check_size(student, size, 'the student')
+  teachers, frozen = {}, {}
+  for name, tc in config.teachers.items():
+    if tc.checkpoint:
+      loaded = pretrained.load_pretrained(tc.checkpoint, dtype=dtype(config.teacher_dtype))
+      model = _encoder(loaded, f'teacher {name} checkpoint {tc.checkpoint}')
+      frozen[name] = loaded.params
+      source = tc.checkpoint
+      notes.append(f'teacher {name}: {source}, weight {tc.weight}, student view {tc.student_view}')
+    else:
+      model = vit.ViT(
+        **vit.decode_variant(tc.variant).kwargs(),
+        image_size=size,
+        dtype=dtype(config.teacher_dtype),
+      )
+      key = jax.random.fold_in(jax.random.key(config.seed + 1), len(teachers))
+      frozen[name] = jax.jit(model.init)(key, jnp.zeros((1, size, size, 3)))
+      source = 'random'
+      notes.append(
+        f'teacher {name}: RANDOMLY INITIALISED {tc.variant} (no checkpoint given): this run '
+        'exercises the code, it does not distil a real self-supervised teacher'
+      )
+    teachers[name] = Teacher(model, tc.weight, tc.student_view, source)
+  m = config.moma
+  objective = Moma(
+    student=student,
+    teachers=teachers,
+    mask_ratio=m.mask_ratio,
+    align=m.align,
+    teacher_norm=m.teacher_norm,
+    smooth_l1_beta=m.smooth_l1_beta,
+    per_teacher_projector=m.per_teacher_projector,
+    mask_teacher=m.mask_teacher,
+    mask_strong_view=m.mask_strong_view,
+  )
+  return objective, frozen, student_params, notes
+
+
+def build_classification(
+  config: ml_collections.ConfigDict, num_classes: int
+) -> tuple[Classification, dict[str, Any], Any, list[str]]:
+  c = config.classifier
+  size = config.data.image_size
+  n = c.num_classes or num_classes
+  common = dict(num_classes=n, pool=c.pool, drop_path=c.drop_path, dtype=dtype(c.dtype))
+  frozen, start, notes = {}, None, []
+  if c.checkpoint:
+    loaded = pretrained.load_pretrained(c.checkpoint)
+    m = loaded.model
+    arch = {k: getattr(m, k) for k in ('width', 'depth', 'num_heads', 'mlp_dim', 'patch_size',
+                                        'image_size', 'channels')}  # fmt: skip
+    model = vit.ViT(**arch, **common)
+    if c.linear_probe:
+      _encoder(loaded, f'classifier.checkpoint {c.checkpoint}')  # probes need an encoder
+      frozen['encoder'] = loaded.params
+    else:
+      start = loaded.params['params']
+    notes.append(f'encoder: {c.checkpoint} ({loaded.metadata.get("variant")})')
+  else:
+    if c.linear_probe:
+      raise ValueError('a linear probe needs classifier.checkpoint (the encoder to probe)')
+    model = vit.ViT(**vit.decode_variant(c.variant).kwargs(), image_size=size, **common)
+    notes.append(f'classifier: randomly initialised {c.variant} (training from scratch)')
+  _check_size(model, size, 'the classifier')
+  objective = Classification(
+    model,
+    linear_probe=c.linear_probe,
+    label_smoothing=c.label_smoothing,
+    mixup_alpha=c.mixup_alpha,
+    cutmix_alpha=c.cutmix_alpha,
+    mix_prob=c.mix_prob,
+    switch_prob=c.switch_prob,
+    erase_prob=c.erase_prob,
+  )
+  return objective, frozen, start, notes
+
+
+def build_objective(config: ml_collections.ConfigDict, num_classes: int):
+  if config.objective == 'moma':
+    return build_moma(config)
+  if config.objective == 'classification':
+    return build_classification(config, num_classes)
+  raise ValueError(f"unknown objective {config.objective!r}; one of 'moma', 'classification'")
