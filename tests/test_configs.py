@@ -1,0 +1,42 @@
+"""Every config builds, with the paper's defaults; bad config arguments fail with a clear error."""
+
+import importlib
+
+import pytest
+
+CONFIGS = ['moco_to_mae', 'mae_to_moco', 'multi_teacher', 'finetune', 'linear_probe', 'transfer_cifar']
+
+
+@pytest.mark.parametrize('name', CONFIGS)
+def test_config_builds_full_and_runlocal(name):
+  module = importlib.import_module(f'configs.{name}')
+  assert 'python main.py --config=configs/' in module.__doc__  # the run command is documented
+  full, local = module.get_config(), module.get_config('runlocal')
+  assert full.data.image_size == 224 and local.data.name == 'digits_m'
+  assert local.batch_size <= 128 and local.num_train_steps <= 600
+
+
+def test_paper_defaults():
+  from configs import finetune, moco_to_mae, multi_teacher, transfer_cifar
+
+  c = moco_to_mae.get_config()
+  assert (c.moma.mask_ratio, c.batch_size, c.optim.base_lr, c.optim.weight_decay) == (0.9, 4096, 1.5e-4, 0.05)
+  assert (c.optim.b1, c.optim.b2, c.num_epochs, c.optim.warmup_epochs) == (0.9, 0.95, 100, 20)
+  assert c.teachers.moco.student_view == 'strong'
+  m = multi_teacher.get_config('variant=S/16,alpha=0.3,beta=0.7')
+  assert m.student.variant == 'S/16' and (m.teachers.mae.weight, m.teachers.moco.weight) == (0.3, 0.7)
+  f = finetune.get_config('size=L')
+  assert (f.optim.base_lr, f.optim.layer_decay, f.classifier.drop_path, f.num_epochs) == (1e-3, 0.75, 0.2, 50)
+  t = transfer_cifar.get_config('dataset=cifar100')
+  assert t.data.name == 'cifar100' and t.num_train_steps == 20_000
+
+
+def test_bad_arguments():
+  from configs import finetune, multi_teacher, transfer_cifar
+
+  with pytest.raises(ValueError, match="unknown config argument 'varient'"):
+    multi_teacher.get_config('varient=S/16')
+  with pytest.raises(ValueError, match="recipe='pape'"):
+    finetune.get_config('recipe=pape')
+  with pytest.raises(ValueError, match="dataset='svhn'"):
+    transfer_cifar.get_config('dataset=svhn')
