@@ -198,3 +198,44 @@ def runlocal_classification(c: ml_collections.ConfigDict) -> None:
   c.checkpoint_every = 200
   c.evaluators.classification.update(split='test', batch_size=256)
   c.evaluators.knn.update(eval_split='test', batch_size=256)
+
+
+def pretrain_config(
+  name: str, objective: str, args: ml_collections.ConfigDict
+) -> ml_collections.ConfigDict:
+  """Self-supervised pre-training (MAE, MoCo v3, DMAE, RC-MAE): one encoder plus its heads."""
+  c = base_config(name)
+  c.objective = objective
+  c.batch_size = 4096
+  c.model = dict(
+    variant=args.get('variant', 'B/16'),
+    checkpoint=args.get('checkpoint', ''),  # continue from a converted checkpoint (MAE: _full)
+    dtype='float32',
+    drop_path=0.0,
+    decoder_width=512,
+    decoder_depth=8,
+    decoder_heads=16,
+  )
+  c.mae = dict(mask_ratio=0.75, norm_pix=True)
+  c.data.views = dict(image=dict(size=224, scale=(0.2, 1.0)))
+  c.optim = optim_config(base_lr=1.5e-4, b2=0.95, warmup_epochs=40.0)
+  c.evaluators = dict(knn=knn_evaluator())
+  return c
+
+
+def runlocal_pretrain(c: ml_collections.ConfigDict) -> None:
+  """runlocal for pre-training configs: digits_m, ViT mu/4, a tiny decoder, a few minutes."""
+  c.data.name = 'digits_m'
+  c.data.train_split, c.data.eval_split = 'train', 'test'
+  c.data.image_size = 32
+  c.data.shuffle_buffer = 6000
+  c.data.eval_resize_ratio = 1.0
+  for v in c.data.views.values():
+    v.size = 32
+  c.model.update(variant='mu/4', decoder_width=64, decoder_depth=1, decoder_heads=4)
+  c.batch_size = 64
+  c.num_train_steps = 300
+  c.optim.update(base_lr=1e-3, warmup_steps=30)
+  c.log_every = 25
+  c.checkpoint_every = 100
+  c.evaluators.knn.update(eval_split='test', raw_pixels=True, batch_size=256)

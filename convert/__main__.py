@@ -21,7 +21,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
   p = argparse.ArgumentParser(prog='python -m convert', description=__doc__.split('\n')[0])
   p.add_argument('--src', required=True, help='PyTorch/safetensors file, or a converted directory')
   p.add_argument('--dst', required=True, help='output directory (import) or file (export)')
-  p.add_argument('--format', choices=FORMATS, help='source format, when auto-detection needs help')
+  p.add_argument(
+    '--format',
+    choices=sorted(set(FORMATS) | {'mae', 'mocov3'}),
+    help='import: source format, when auto-detection needs help; export: mae or mocov3',
+  )
   p.add_argument('--variant', help="ViT variant, e.g. 'B/16' or 'S12/16' (MoCo v3 ViT-S)")
   p.add_argument('--num-heads', type=int, help='attention heads (not visible in the weights)')
   p.add_argument('--image-size', type=int, help='resample position embeddings to this size')
@@ -37,7 +41,10 @@ def main(argv: list[str] | None = None) -> int:
 
   try:
     if os.path.isdir(args.src):
-      keys = convert.export_checkpoint(args.src, args.dst, overwrite=args.overwrite)
+      fmt = args.format if args.format in convert.EXPORT_FORMATS else None
+      if args.format and fmt is None:
+        raise ConvertError(f'--format for export: one of {", ".join(convert.EXPORT_FORMATS)}')
+      keys = convert.export_checkpoint(args.src, args.dst, overwrite=args.overwrite, fmt=fmt)
       print(f'wrote {args.dst}: {len(keys)} tensors')
     else:
       meta = convert.convert_checkpoint(

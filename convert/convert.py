@@ -83,6 +83,8 @@ def _encoder_spec(
         f'but the checkpoint has width {width}, depth {depth}, patch {patch}'
       )
     heads = heads or v.num_heads
+  if heads is None:
+    heads = split.info.get('num_heads')  # written by our own exporter
   if heads is None and split.format == 'mocov3':
     heads = formats.MOCO_ARCH_HEADS.get(split.info.get('arch'))
     if heads is None and width == 384:
@@ -278,11 +280,21 @@ def convert_checkpoint(
   return pretrained.read_metadata(dst)
 
 
-def export_checkpoint(src_dir: str, dst: str, *, overwrite: bool = False) -> list[str]:
-  """Converted / trained Flax directory -> PyTorch ``{'model': state_dict}`` (MAE / timm names).
+EXPORT_FORMATS = ('mae', 'mocov3')
+_MOCO_ARCH = {(384, 12): 'vit_small', (768, 12): 'vit_base'}
 
-  A ``.safetensors`` destination writes a safetensors file instead. The MAE decoder, when present,
-  is written into the same state dict, as in MAE's ``*_full.pth``. Returns the keys written.
+
+def export_checkpoint(
+  src_dir: str, dst: str, *, overwrite: bool = False, fmt: str | None = None
+) -> list[str]:
+  """Converted / trained Flax directory -> PyTorch checkpoint; returns the keys written.
+
+  fmt 'mae' (default without MoCo heads): ``{'model': state_dict}`` in the MAE / timm naming, the
+  decoder included when present (as MAE's ``*_full.pth``); a ``.safetensors`` destination writes
+  that state dict as safetensors. fmt 'mocov3' (default when the directory has a predictor): MoCo
+  v3's ``.pth.tar`` layout, ``{'arch', 'epoch', 'state_dict'}`` with ``module.base_encoder.``
+  (projector as its ``head``), ``module.momentum_encoder.`` and ``module.predictor.``.
+  Both add ``'moma_jax': {'num_heads': H}``, so a re-import needs no --num-heads.
   """
   if os.path.exists(dst) and not overwrite:
     raise ConvertError(f'{dst} already exists; pass --overwrite to replace it')
@@ -290,10 +302,37 @@ def export_checkpoint(src_dir: str, dst: str, *, overwrite: bool = False) -> lis
     loaded = pretrained.load_pretrained(src_dir)
   except (FileNotFoundError, pretrained.CheckpointMismatchError) as e:
     raise ConvertError(str(e)) from None
-  state = layouts.flax_to_torch(loaded.params)
-  if 'decoder' in loaded.heads:
-    state.update(layouts.flax_to_torch(loaded.heads['decoder'].variables))
-  state = {k: np.ascontiguousarray(v) for k, v in state.items()}
+  heads = loaded.heads
+  fmt = fmt or ('mocov3' if 'predictor' in heads else 'mae')
+  if fmt not in EXPORT_FORMATS:
+    raise ConvertError(f'export format {fmt!r}; one of {", ".join(EXPORT_FORMATS)}')
+
+  def torch_state(variables, prefix=''):
+    return {
+      prefix + k: np.ascontiguousarray(v) for k, v in layouts.flax_to_torch(variables).items()
+    }
+
+  m = loaded.model
+  ours = {'num_heads': m.num_heads}
+  if fmt == 'mocov3':
+    if 'projector' not in heads:
+      raise ConvertError(f'{src_dir} has no MoCo v3 projector: export it with the mae format')
+    state = torch_state(loaded.params, 'module.base_encoder.')
+    state.update(torch_state(heads['projector'].variables, 'module.base_encoder.head.'))
+    if 'predictor' in heads:
+      state.update(torch_state(heads['predictor'].variables, 'module.predictor.'))
+    if 'momentum_encoder' in heads:
+      state.update(torch_state(heads['momentum_encoder'].variables, 'module.momentum_encoder.'))
+    if 'momentum_projector' in heads:
+      state.update(
+        torch_state(heads['momentum_projector'].variables, 'module.momentum_encoder.head.')
+      )
+    arch = _MOCO_ARCH.get((m.width, m.num_heads), 'vit_custom')
+    torch_format.save({'epoch': 0, 'arch': arch, 'state_dict': state, 'moma_jax': ours}, dst)
+    return list(state)
+  state = torch_state(loaded.params)
+  if 'decoder' in heads:
+    state.update(torch_state(heads['decoder'].variables))
   if dst.endswith('.safetensors'):
     from safetensors.numpy import save_file
 
@@ -301,5 +340,5 @@ def export_checkpoint(src_dir: str, dst: str, *, overwrite: bool = False) -> lis
     save_file(state, tmp)
     os.replace(tmp, dst)
   else:
-    torch_format.save({'model': state}, dst)
+    torch_format.save({'model': state, 'moma_jax': ours}, dst)
   return list(state)

@@ -92,7 +92,15 @@ def _split_mocov3(obj: dict) -> Split:
       comps[enc] = {k: v for k, v in comps[enc].items() if not k.startswith('head.')}
       comps['projector' if enc == 'encoder' else 'momentum_projector'] = head
   info = {k: obj[k] for k in ('arch', 'epoch') if isinstance(obj.get(k), (str, int))}
-  return Split('mocov3', comps, info)
+  return Split('mocov3', comps, {**info, **_our_info(obj)})
+
+
+def _our_info(obj: dict) -> dict[str, Any]:
+  """Facts our own exports add under 'moma_jax' (e.g. num_heads, invisible in the weights)."""
+  ours = obj.get('moma_jax')
+  if isinstance(ours, dict) and isinstance(ours.get('num_heads'), int):
+    return {'num_heads': ours['num_heads']}
+  return {}
 
 
 def split(obj: Any, fmt: str | None = None) -> Split:
@@ -108,7 +116,7 @@ def split(obj: Any, fmt: str | None = None) -> Split:
   if fmt == 'mocov3' or (fmt is None and is_moco):
     return _split_mocov3(obj)
 
-  info: dict[str, Any] = {}
+  info: dict[str, Any] = _our_info(obj)
   if _is_state_dict(obj.get('model')):  # MAE (and DeiT) wrap the state dict in 'model'
     state = obj['model']
     if isinstance(obj.get('epoch'), int):

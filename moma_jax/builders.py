@@ -136,9 +136,86 @@ def build_classification(
   return objective, frozen, start, notes
 
 
-def build_objective(config: ml_collections.ConfigDict, num_classes: int):
+def build_pretraining(config: ml_collections.ConfigDict, total_steps: int):
+  """MAE, MoCo v3, DMAE, RC-MAE: an encoder (random or from a checkpoint) plus their heads."""
+  from moma_jax.models.heads import MlpHead
+  from moma_jax.objectives.dmae import Dmae
+  from moma_jax.objectives.mae import Mae, mae_decoder_for
+  from moma_jax.objectives.mocov3 import MocoV3
+  from moma_jax.objectives.rc_mae import RcMae
+
+  m, size, notes = config.model, config.data.image_size, []
+  start: dict[str, Any] = {}
+  decoder = None
+  if m.checkpoint:
+    loaded = pretrained.load_pretrained(m.checkpoint, dtype=dtype(m.dtype), drop_path=m.drop_path)
+    encoder = _encoder(loaded, f'model.checkpoint {m.checkpoint}')
+    start['encoder'] = loaded.params['params']
+    if 'decoder' in loaded.heads:  # an MAE _full checkpoint: continue with its decoder
+      dec = loaded.heads['decoder']
+      decoder = dec.module.clone(dtype=dtype(m.dtype))
+      start['decoder'] = dec.variables['params']
+    notes.append(f'continuing from {m.checkpoint} ({", ".join(start)})')
+  else:
+    encoder = vit.ViT(
+      **vit.decode_variant(m.variant).kwargs(), image_size=size, dtype=dtype(m.dtype),
+      drop_path=m.drop_path,
+    )  # fmt: skip
+    notes.append(f'{config.objective}: randomly initialised {m.variant}')
+  _check_size(encoder, size, 'the encoder')
+  if decoder is None:
+    decoder = mae_decoder_for(encoder, m.decoder_width, m.decoder_depth, m.decoder_heads)
+  frozen: dict[str, Any] = {}
+  kind = config.objective
+  if kind == 'mocov3':
+    mc = config.mocov3
+    objective = MocoV3(
+      encoder,
+      MlpHead(3, mc.proj_hidden, mc.proj_dim, last_bn=True, dtype=dtype(m.dtype)),
+      MlpHead(2, mc.proj_hidden, mc.proj_dim, last_bn=False, dtype=dtype(m.dtype)),
+      total_steps=total_steps,
+      temperature=mc.temperature,
+      base_momentum=mc.momentum,
+      freeze_patch_embed=mc.freeze_patch_embed,
+    )
+    return objective, frozen, start.get('encoder'), notes
+  common = dict(mask_ratio=config.mae.mask_ratio, norm_pix=config.mae.norm_pix)
+  if kind == 'mae':
+    objective = Mae(encoder, decoder, **common)
+  elif kind == 'rc_mae':
+    r = config.rc_mae
+    objective = RcMae(
+      encoder, decoder, **common, momentum=r.momentum, momentum_schedule=r.schedule,
+      total_steps=total_steps, consistency_weight=r.weight,
+    )  # fmt: skip
+  else:  # dmae
+    d = config.dmae
+    if d.teacher:
+      t_loaded = pretrained.load_pretrained(d.teacher, dtype=dtype(d.teacher_dtype))
+      teacher = _encoder(t_loaded, f'dmae.teacher {d.teacher}')
+      frozen['teacher'] = t_loaded.params
+      notes.append(f'teacher: {d.teacher}')
+    else:
+      teacher = vit.ViT(**vit.decode_variant(d.teacher_variant).kwargs(), image_size=size)
+      frozen['teacher'] = jax.jit(teacher.init)(
+        jax.random.key(config.seed + 1), jnp.zeros((1, size, size, 3))
+      )
+      notes.append(f'teacher: RANDOMLY INITIALISED {d.teacher_variant} (no dmae.teacher given)')
+    _check_size(teacher, size, 'the DMAE teacher')
+    objective = Dmae(
+      encoder, decoder, **common, teacher=teacher, teacher_block=d.teacher_block,
+      student_block=d.student_block, distill_weight=d.weight,
+    )  # fmt: skip
+  return objective, frozen, (start or None), notes
+
+
+def build_objective(config: ml_collections.ConfigDict, num_classes: int, total_steps: int):
   if config.objective == 'moma':
     return build_moma(config)
   if config.objective == 'classification':
     return build_classification(config, num_classes)
-  raise ValueError(f"unknown objective {config.objective!r}; one of 'moma', 'classification'")
+  if config.objective in ('mae', 'mocov3', 'dmae', 'rc_mae'):
+    return build_pretraining(config, total_steps)
+  raise ValueError(
+    f'unknown objective {config.objective!r}; one of moma, classification, mae, mocov3, dmae, rc_mae'
+  )

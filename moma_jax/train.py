@@ -211,31 +211,38 @@ def _check_finite(step: int, metrics: dict[str, Any]) -> None:
       )
 
 
-def export_model(model: vit.ViT, params: Any, workdir: str, metadata: dict[str, Any]) -> str:
-  """Writes workdir/export/model (a converted-checkpoint directory) and model.pth (PyTorch)."""
+def export_model(
+  components: dict[str, tuple[Any, Any, int | None]],
+  workdir: str,
+  metadata: dict[str, Any],
+  torch_format: str | None = None,
+) -> str:
+  """Writes workdir/export/model (a converted-checkpoint directory: 'encoder' plus heads such as
+  'decoder' or MoCo's 'projector') and model.pth (PyTorch; MAE/timm naming, or MoCo v3's
+  .pth.tar layout when ``torch_format='mocov3'``).
+
+  components: name -> (module, variables {'params': ...[, 'batch_stats': ...]}, input width).
+  """
   from convert.convert import export_checkpoint
 
-  skip = ('parent', 'name', 'dtype', 'attention_impl', 'drop_path')
-  kwargs = {
-    f.name: getattr(model, f.name) for f in dataclasses.fields(vit.ViT) if f.name not in skip
-  }
   out = os.path.join(workdir, 'export', 'model')
-  host = sharding.to_host(params)
+  specs = {k: pretrained.spec_of(m, d) for k, (m, _, d) in components.items()}
+  host = {k: sharding.to_host(v) for k, (_, v, _) in components.items()}
   if jax.process_index() == 0:
+    enc = components['encoder'][0]
     meta = {
       **metadata,
       'format': 'moma_jax',
       'mean': list(pretrained.IMAGENET_MEAN),
       'std': list(pretrained.IMAGENET_STD),
-      'image_size': model.image_size,
-      'patch_size': model.patch_size,
-      'variant': vit.name_variant(model.width, model.depth, model.num_heads, model.patch_size),
+      'image_size': enc.image_size,
+      'patch_size': enc.patch_size,
+      'variant': vit.name_variant(enc.width, enc.depth, enc.num_heads, enc.patch_size),
     }
-    spec = pretrained.ComponentSpec('ViT', kwargs)
-    pretrained.save_pretrained(
-      out, {'encoder': spec}, {'encoder': {'params': host}}, meta, overwrite=True
+    pretrained.save_pretrained(out, specs, host, meta, overwrite=True)
+    export_checkpoint(
+      out, os.path.join(workdir, 'export', 'model.pth'), overwrite=True, fmt=torch_format
     )
-    export_checkpoint(out, os.path.join(workdir, 'export', 'model.pth'), overwrite=True)
   return out
 
 
@@ -253,15 +260,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     config.data.name, config.data.train_split, data_dir=config.data.data_dir,
     manual_dir=config.data.manual_dir,
   )  # fmt: skip
-  objective, frozen, start_params, notes = builders.build_objective(config, train_src.num_classes)
+  steps_per_epoch = max(1, train_src.total_examples // config.batch_size)
+  total_steps = config.num_train_steps or int(config.num_epochs * steps_per_epoch)
+  objective, frozen, start_params, notes = builders.build_objective(
+    config, train_src.num_classes, total_steps
+  )
   missing_views = objective.required_views() - set(views)
   if missing_views:
     raise ValueError(f'data.views lacks {sorted(missing_views)}, which the objective reads')
   for name in objective.required_views():
     if views[name].size != config.data.image_size:
       raise ValueError(f'view {name!r} must be data.image_size={config.data.image_size}px')
-  steps_per_epoch = max(1, train_src.total_examples // config.batch_size)
-  total_steps = config.num_train_steps or int(config.num_epochs * steps_per_epoch)
   tx, schedule, peak_lr = make_optimizer(config, objective, total_steps, steps_per_epoch)
   evaluations = make_evaluations(config, objective, mesh, data_axes)
 
@@ -376,9 +385,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if step < total_steps:  # stop_at_step: leave as if preempted, to be resumed
     ckpt.close()
     return {'step': step}
-  exported = objective.export(state.params)
-  if exported is not None:
-    export_model(*exported, workdir, {'config': config.name, 'steps': step})
+  exported = objective.export(state.params, state.extra)
+  if exported:
+    export_model(
+      exported, workdir, {'config': config.name, 'steps': step},
+      getattr(objective, 'torch_format', None),
+    )  # fmt: skip
   final = {'step': step, **(history[-1] if history else {})}
   for ev in evaluations:
     if ev.at_end:

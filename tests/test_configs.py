@@ -4,7 +4,14 @@ import importlib
 
 import pytest
 
-CONFIGS = ['moco_to_mae', 'mae_to_moco', 'multi_teacher', 'finetune', 'linear_probe', 'transfer_cifar']
+CONFIGS = [
+  'moco_to_mae',
+  'mae_to_moco',
+  'multi_teacher',
+  'finetune',
+  'linear_probe',
+  'transfer_cifar',
+]
 
 
 @pytest.mark.parametrize('name', CONFIGS)
@@ -20,13 +27,26 @@ def test_paper_defaults():
   from configs import finetune, moco_to_mae, multi_teacher, transfer_cifar
 
   c = moco_to_mae.get_config()
-  assert (c.moma.mask_ratio, c.batch_size, c.optim.base_lr, c.optim.weight_decay) == (0.9, 4096, 1.5e-4, 0.05)
+  assert (c.moma.mask_ratio, c.batch_size, c.optim.base_lr, c.optim.weight_decay) == (
+    0.9,
+    4096,
+    1.5e-4,
+    0.05,
+  )
   assert (c.optim.b1, c.optim.b2, c.num_epochs, c.optim.warmup_epochs) == (0.9, 0.95, 100, 20)
   assert c.teachers.moco.student_view == 'strong'
   m = multi_teacher.get_config('variant=S/16,alpha=0.3,beta=0.7')
-  assert m.student.variant == 'S/16' and (m.teachers.mae.weight, m.teachers.moco.weight) == (0.3, 0.7)
+  assert m.student.variant == 'S/16' and (m.teachers.mae.weight, m.teachers.moco.weight) == (
+    0.3,
+    0.7,
+  )
   f = finetune.get_config('size=L')
-  assert (f.optim.base_lr, f.optim.layer_decay, f.classifier.drop_path, f.num_epochs) == (1e-3, 0.75, 0.2, 50)
+  assert (f.optim.base_lr, f.optim.layer_decay, f.classifier.drop_path, f.num_epochs) == (
+    1e-3,
+    0.75,
+    0.2,
+    50,
+  )
   t = transfer_cifar.get_config('dataset=cifar100')
   assert t.data.name == 'cifar100' and t.num_train_steps == 20_000
 

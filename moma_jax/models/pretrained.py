@@ -79,6 +79,22 @@ class Pretrained:
   heads: dict[str, Component]
 
 
+_RUNTIME_ONLY = ('parent', 'name', 'dtype', 'attention_impl', 'drop_path', 'bn_axis_name')
+
+
+def spec_of(module: nn.Module, input_dim: int | None = None) -> ComponentSpec:
+  """The ComponentSpec that rebuilds ``module`` (runtime-only attributes such as dtype left out)."""
+  kind = type(module).__name__
+  if kind not in MODULES:
+    raise ValueError(f'cannot export a {kind}; exportable: {", ".join(MODULES)}')
+  kwargs = {
+    f.name: getattr(module, f.name)
+    for f in dataclasses.fields(module)
+    if f.init and f.name not in _RUNTIME_ONLY
+  }
+  return ComponentSpec(kind, kwargs, input_dim)
+
+
 def abstract_variables(spec: ComponentSpec) -> dict[str, Any]:
   """The variable tree (ShapeDtypeStructs) that ``spec``'s module creates, without allocating."""
   module = spec.build()

@@ -161,9 +161,9 @@ class Classification:
     _, aux = self.model.apply({'params': params['model']}, x)
     return aux['pre_logits'].astype(jnp.float32)
 
-  def export(self, params: dict[str, Any]) -> tuple[ViT, Any] | None:
+  def export(self, params: dict[str, Any], extra: dict) -> dict[str, tuple[Any, Any, None]]:
     """The fine-tuned ViT (with its head); a linear probe exports nothing (its encoder is given)."""
-    return None if self.linear_probe else (self.model, params['model'])
+    return {} if self.linear_probe else {'encoder': (self.model, {'params': params['model']}, None)}
 
   def flops_per_example(self) -> float:
     m = self.model

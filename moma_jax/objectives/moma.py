@@ -223,9 +223,9 @@ class Moma:
     tokens, _ = self.student.apply({'params': params['student']}, normalize(images))
     return tokens[:, 0].astype(jnp.float32)
 
-  def export(self, params: dict[str, Any]) -> tuple[ViT, Any]:
-    """What the trainer exports at the end: the student encoder and its parameters."""
-    return self.student, params['student']
+  def export(self, params: dict[str, Any], extra: dict) -> dict[str, tuple[Any, Any, None]]:
+    """What the trainer exports at the end: the student encoder."""
+    return {'encoder': (self.student, {'params': params['student']}, None)}
 
   # --- cost ----------------------------------------------------------------------------------------
 
