@@ -152,8 +152,8 @@ def test_mocov3_global_batch_semantics_8_devices_equal_1():
   """InfoNCE negatives and BatchNorm statistics span the global batch, whatever the sharding."""
   ref_l, ref_p, ref_e = _moco_steps({'data': 1}, jax.devices()[:1])
   for axes in ({'data': 8}, {'data': 2, 'fsdp': 4}):
-    l, p, e = _moco_steps(axes, jax.devices())
-    np.testing.assert_allclose(l, ref_l, rtol=1e-5)
+    losses, p, e = _moco_steps(axes, jax.devices())
+    np.testing.assert_allclose(losses, ref_l, rtol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5), p, ref_p)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5), e, ref_e)
   # A per-device (local) InfoNCE would differ: the global one is not an average of 8 local ones.
