@@ -34,8 +34,8 @@ def main(argv):
   )
   try:
     train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except (ValueError, FileNotFoundError, FileExistsError, train.NonFiniteError) as e:
-    # Bad input or diverged training: one line, no traceback.
+  except (ValueError, OSError, train.NonFiniteError) as e:
+    # Bad input, a full disk or diverged training: one line, no traceback.
     logging.error('%s', e)
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)

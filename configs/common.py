@@ -87,6 +87,8 @@ def base_config(name: str) -> ml_collections.ConfigDict:
   c.log_every = 50
   c.checkpoint_every = 1000
   c.keep_checkpoints = 3
+  c.skip_nonfinite = False  # True: drop (and count) updates with a non-finite loss / gradient
+  c.force_resume = False  # True: resume a workdir even if its checkpoints' config differs
   c.mesh = dict(data=-1, fsdp=1)  # FSDP: dict(data=1, fsdp=-1)
   c.sharding_rules = [('.*', 'fsdp')]  # no-op while the fsdp axis has size 1
   c.frozen_sharding_rules = [('.*', 'fsdp')]

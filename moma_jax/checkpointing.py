@@ -1,6 +1,10 @@
 """Training checkpoints in the workdir (orbax CheckpointManager): periodic, keep the last K,
 resume from the latest, with a small JSON of run facts next to the state.
 
+Orbax writes each checkpoint into a temporary directory and renames it when complete, so a crash
+or a kill -9 during a save (or a full disk) leaves the previous checkpoints intact and the
+half-written one invisible to ``latest_step``.
+
 Teachers are not in here: they are loaded from their own converted directories at start-up, so
 every checkpoint holds only what training changes (student, projectors, optimizer, step).
 """
@@ -13,6 +17,10 @@ from typing import Any
 import orbax.checkpoint as ocp
 
 
+class CheckpointWriteError(OSError):
+  """A checkpoint could not be written (full disk, no permission); earlier ones are intact."""
+
+
 class Checkpointer:
   def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True):
     self.directory = os.path.abspath(directory)
@@ -22,17 +30,56 @@ class Checkpointer:
         max_to_keep=keep, create=True, enable_async_checkpointing=async_save
       ),
     )
+    self._submitted: int | None = None
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
+  def finalized_steps(self) -> list[int]:
+    """Steps whose checkpoint is complete on storage (renamed from its temporary directory)."""
+    from etils import epath
+
+    root = epath.Path(self.directory)
+    return sorted(int(p.name) for p in root.iterdir() if p.name.isdigit()) if root.exists() else []
+
   def save(self, step: int, state: Any, extra: dict[str, Any]) -> None:
-    """Saves asynchronously (device -> host copy happens before this returns)."""
-    self._manager.save(
-      step,
-      args=ocp.args.Composite(state=ocp.args.StandardSave(state), extra=ocp.args.JsonSave(extra)),
-      force=True,
+    """Saves asynchronously (device -> host copy happens before this returns). A failure of this
+    save or of the previous asynchronous one raises CheckpointWriteError."""
+    done = self.finalized_steps()
+    previous = done[-1] if done else None
+    # An asynchronous save that failed surfaces at the next save: name the step that failed.
+    failing = self._submitted if self._submitted not in (None, previous) else step
+    self._submitted = step
+    try:
+      self._manager.save(
+        step,
+        args=ocp.args.Composite(state=ocp.args.StandardSave(state), extra=ocp.args.JsonSave(extra)),
+        force=True,
+      )
+    except Exception as e:  # noqa: BLE001 -- tensorstore / orbax raise ValueError, OSError, ...
+      raise self._write_error(failing, previous, e) from None
+
+  def _write_error(self, step: int, previous: int | None, e: Exception) -> CheckpointWriteError:
+    first = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
+    kept = (
+      f'the checkpoint of step {previous} is intact'
+      if previous is not None
+      else 'no earlier checkpoint'
     )
+    return CheckpointWriteError(
+      f'could not write the checkpoint of step {step} in {self.directory} (disk full or not '
+      f'writable?): {first}; {kept}: free space and rerun the same command to resume'
+    )
+
+  def read_extra(self, step: int) -> dict[str, Any]:
+    """The JSON facts of a checkpoint, without touching its arrays (cheap)."""
+    out = self._manager.restore(step, args=ocp.args.Composite(extra=ocp.args.JsonRestore()))
+    return dict(out['extra'])
+
+  def reached_preemption(self, step: int) -> bool:
+    """True on every host once any host got a preemption notice (multi-process runs; uses JAX's
+    preemption sync point, so all hosts agree on the step)."""
+    return self._manager.reached_preemption(step)
 
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
     """Restores ``step`` into arrays with the shardings of ``abstract_state`` (ShapeDtypeStructs)."""
@@ -45,7 +92,12 @@ class Checkpointer:
     return out['state'], dict(out['extra'])
 
   def wait(self) -> None:
-    self._manager.wait_until_finished()
+    done = self.finalized_steps()
+    previous = done[-1] if done else None
+    try:
+      self._manager.wait_until_finished()
+    except Exception as e:  # noqa: BLE001
+      raise self._write_error(self._submitted, previous, e) from None
 
   def close(self) -> None:
     self._manager.close()

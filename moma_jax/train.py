@@ -43,6 +43,7 @@ class TrainState:
   params: Any  # trained by the optimizer
   extra: Any  # updated by the objective itself (BatchNorm statistics, ...)
   opt_state: Any
+  skipped: jax.Array  # steps whose update was dropped as non-finite (skip_nonfinite)
 
 
 class NonFiniteError(FloatingPointError):
@@ -52,23 +53,36 @@ class NonFiniteError(FloatingPointError):
 # --- the update ------------------------------------------------------------------------------------
 
 
-def make_train_step(objective, tx: optax.GradientTransformation, schedule):
-  """Pure update: (state, frozen, batch, rng) -> (state, metrics). rng is the run's base key."""
+def make_train_step(objective, tx: optax.GradientTransformation, schedule, skip_nonfinite=False):
+  """Pure update: (state, frozen, batch, rng) -> (state, metrics). rng is the run's base key.
+
+  With ``skip_nonfinite`` a step whose loss or gradients are not finite leaves parameters,
+  optimizer and objective state unchanged and is counted in ``state.skipped``.
+  """
 
   def step(state: TrainState, frozen, batch, rng):
     rng = jax.random.fold_in(rng, state.step)
     grad_fn = jax.value_and_grad(objective.loss, has_aux=True)
-    (_, (metrics, extra)), grads = grad_fn(state.params, state.extra, frozen, batch, rng)
+    (loss, (metrics, extra)), grads = grad_fn(state.params, state.extra, frozen, batch, rng)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    grad_norm = optax.global_norm(grads)
+    skipped = state.skipped
+    if skip_nonfinite:
+      ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+      keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)  # noqa: E731
+      params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
+      extra = keep(extra, state.extra)
+      skipped = skipped + (~ok).astype(jnp.int32)
     metrics = {
       **metrics,
-      'grad_norm': optax.global_norm(grads),
+      'grad_norm': grad_norm,
       'param_norm': optax.global_norm(params),
       'update_norm': optax.global_norm(updates),
       'lr': schedule(state.step),
+      'skipped_steps': skipped,
     }
-    return TrainState(state.step + 1, params, extra, opt_state), metrics
+    return TrainState(state.step + 1, params, extra, opt_state, skipped), metrics
 
   return step
 
@@ -78,7 +92,8 @@ def create_state(objective, tx, mesh, rules, rng, start_params=None):
 
   def init_state(key, start):
     params, extra = objective.init(key, start)
-    return TrainState(jnp.zeros((), jnp.int32), params, extra, tx.init(params))
+    zero = jnp.zeros((), jnp.int32)
+    return TrainState(zero, params, extra, tx.init(params), zero)
 
   abstract = jax.eval_shape(init_state, rng, start_params)
   state_sharding = sharding.infer_shardings(abstract, mesh, rules)
@@ -86,12 +101,14 @@ def create_state(objective, tx, mesh, rules, rng, start_params=None):
   return state, state_sharding, abstract
 
 
-def jit_train_step(objective, tx, schedule, mesh, state_sharding, frozen_sharding):
+def jit_train_step(
+  objective, tx, schedule, mesh, state_sharding, frozen_sharding, skip_nonfinite=False
+):
   """The update, jitted with explicit shardings and the state's buffers donated."""
   repl = sharding.replicated(mesh)
   batch_sharding = device.batch_sharding(mesh, sharding.data_axes(mesh))
   return jax.jit(
-    make_train_step(objective, tx, schedule),
+    make_train_step(objective, tx, schedule, skip_nonfinite),
     in_shardings=(state_sharding, frozen_sharding, batch_sharding, repl),
     out_shardings=(state_sharding, repl),
     donate_argnums=(0,),
@@ -202,7 +219,7 @@ def _pixel_features(_, images):
 
 
 def _check_finite(step: int, metrics: dict[str, Any]) -> None:
-  for name in ('loss', 'grad_norm'):
+  for name in ('loss', 'grad_norm', 'param_norm'):
     value = float(metrics[name])
     if not np.isfinite(value):
       raise NonFiniteError(
@@ -246,6 +263,74 @@ def export_model(
   return out
 
 
+# Config keys that may change between a run and its resumption (run length, logging, paths).
+RESUMABLE_CHANGES = (
+  'stop_at_step', 'num_train_steps', 'num_epochs', 'log_every', 'checkpoint_every',
+  'keep_checkpoints', 'evaluators', 'force_resume', 'data.data_dir', 'data.manual_dir',
+)  # fmt: skip
+
+
+def _flat_config(config: ml_collections.ConfigDict) -> dict[str, str]:
+  flat = {}
+
+  def walk(node, prefix):
+    for k, v in node.items():
+      key = f'{prefix}{k}'
+      if isinstance(v, (dict, ml_collections.ConfigDict)):
+        walk(v, key + '.')
+      else:
+        flat[key] = json.dumps(v, default=str, sort_keys=True)
+
+  walk(json.loads(config.to_json_best_effort()), '')
+  return {k: v for k, v in flat.items() if not k.startswith(RESUMABLE_CHANGES)}
+
+
+def check_same_experiment(config, stored: dict[str, str] | None, workdir: str) -> None:
+  """Refuses to resume a workdir whose checkpoints come from a different experiment."""
+  if stored is None or config.force_resume:
+    return
+  current = _flat_config(config)
+  diff = sorted(k for k in set(current) | set(stored) if current.get(k) != stored.get(k))
+  if diff:
+    shown = ', '.join(f'{k}: {stored.get(k)} -> {current.get(k)}' for k in diff[:4])
+    raise ValueError(
+      f'{workdir} holds checkpoints of a different experiment ({len(diff)} setting(s) differ: '
+      f'{shown}); use a new --workdir, or pass --config.force_resume=True to resume anyway'
+    )
+
+
+class Preemption:
+  """SIGTERM (the preemption notice of Cloud TPU and most clusters) -> save and exit cleanly.
+
+  Single process: our own handler sets a flag. Multi-process: orbax / JAX's preemption sync point,
+  so every host stops at the same step.
+  """
+
+  def __init__(self):
+    import signal
+    import threading
+
+    self.notice = False
+    self._previous = None
+    if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.notice = True
+
+  def reached(self, step: int, ckpt: checkpointing.Checkpointer) -> bool:
+    if jax.process_count() > 1:
+      return ckpt.reached_preemption(step)
+    return self.notice
+
+  def close(self):
+    import signal
+
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
 # --- the loop --------------------------------------------------------------------------------------
 
 
@@ -286,6 +371,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     config.name, dict(mesh.shape), config.batch_size, per_host_batch, total_steps,
     steps_per_epoch, peak_lr,
   )  # fmt: skip
+
+  ckpt = checkpointing.Checkpointer(
+    os.path.join(workdir, 'checkpoints'), keep=config.keep_checkpoints
+  )
+  latest = ckpt.latest_step()
+  if latest is not None:
+    check_same_experiment(config, ckpt.read_extra(latest).get('config'), workdir)
 
   # 2. State, created sharded.
   init_rng, train_rng = jax.random.split(jax.random.key(config.seed))
@@ -328,7 +420,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         yield pending.pop(0)
     yield from pending
 
-  train_step = jit_train_step(objective, tx, schedule, mesh, state_sharding, frozen_sharding)
+  train_step = jit_train_step(
+    objective, tx, schedule, mesh, state_sharding, frozen_sharding, config.skip_nonfinite
+  )
+  check = (lambda *_: None) if config.skip_nonfinite else _check_finite
   flops_per_step = objective.flops_per_example() * config.batch_size
   peak = flops.peak_flops(jax.devices()[0].device_kind)
   report = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer)
@@ -337,54 +432,60 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   def save(at_step: int):
     positions = multihost_utils.process_allgather(np.int64(data_index))
-    ckpt.save(
-      at_step,
-      state,
-      {'data_index': [int(i) for i in np.ravel(positions)], 'config_name': config.name},
-    )
+    facts = {'data_index': [int(i) for i in np.ravel(positions)], 'config': _flat_config(config)}
+    ckpt.save(at_step, state, facts)
 
   history: list[dict[str, float]] = []
   prev_metrics = None
   t_log, steps_since_log = time.perf_counter(), 0
   batches = device_batches()
   stop = min(total_steps, config.stop_at_step or total_steps)
-  while step < stop:
-    batch, next_index = next(batches)
-    state, metrics = train_step(state, frozen, batch, train_rng)
-    if prev_metrics is not None:  # checked one step late, so the host never stalls the device
-      _check_finite(step - 1, prev_metrics)
-    prev_metrics = metrics
-    step += 1
-    data_index = next_index
-    steps_since_log += 1
-    report(step)
-    if step % config.log_every == 0 or step == total_steps:
-      m = jax.device_get(metrics)
-      _check_finite(step, m)
-      dt = time.perf_counter() - t_log
-      scalars = {k: float(v) for k, v in m.items()}
-      scalars['images_per_sec'] = steps_since_log * config.batch_size / dt
-      if peak:
-        scalars['mfu'] = flops_per_step * steps_since_log / dt / (peak * jax.device_count())
-      writer.write_scalars(step, scalars)
-      history.append({'step': step, **scalars})
-      t_log, steps_since_log = time.perf_counter(), 0
-    for ev in evaluations:
-      if ev.every_steps and step % ev.every_steps == 0 and step < total_steps:
-        writer.write_scalars(step, dict(ev.run(state, frozen)))
-    if step % config.checkpoint_every == 0 and step < stop:
-      _check_finite(step, jax.device_get(metrics))
-      save(step)
+  preemption = Preemption()
+  preempted = False
+  try:
+    while step < stop:
+      batch, next_index = next(batches)
+      state, metrics = train_step(state, frozen, batch, train_rng)
+      if prev_metrics is not None:  # checked one step late, so the host never stalls the device
+        check(step - 1, prev_metrics)
+      prev_metrics = metrics
+      step += 1
+      data_index = next_index
+      steps_since_log += 1
+      report(step)
+      if step % config.log_every == 0 or step == total_steps:
+        m = jax.device_get(metrics)
+        check(step, m)
+        dt = time.perf_counter() - t_log
+        scalars = {k: float(v) for k, v in m.items()}
+        scalars['images_per_sec'] = steps_since_log * config.batch_size / dt
+        if peak:
+          scalars['mfu'] = flops_per_step * steps_since_log / dt / (peak * jax.device_count())
+        writer.write_scalars(step, scalars)
+        history.append({'step': step, **scalars})
+        t_log, steps_since_log = time.perf_counter(), 0
+      for ev in evaluations:
+        if ev.every_steps and step % ev.every_steps == 0 and step < total_steps:
+          writer.write_scalars(step, dict(ev.run(state, frozen)))
+      if preemption.reached(step, ckpt):
+        preempted = True
+        logging.warning('preemption notice: saving a checkpoint at step %d and exiting', step)
+        break
+      if step % config.checkpoint_every == 0 and step < stop:
+        check(step, jax.device_get(metrics))
+        save(step)
+  finally:
+    preemption.close()
 
   # 5. Final save, export, evaluation.
   if prev_metrics is not None:
-    _check_finite(step, jax.device_get(prev_metrics))
+    check(step, jax.device_get(prev_metrics))
   if latest != step:
     save(step)
   ckpt.wait()
-  if step < total_steps:  # stop_at_step: leave as if preempted, to be resumed
+  if step < total_steps:  # preempted or stop_at_step: leave a checkpoint to resume from
     ckpt.close()
-    return {'step': step}
+    return {'step': step, 'preempted': preempted}
   exported = objective.export(state.params, state.extra)
   if exported:
     export_model(

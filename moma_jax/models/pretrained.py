@@ -16,6 +16,7 @@ shape by shape; every difference is listed in one error.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -160,12 +161,17 @@ def save_pretrained(
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=f'.{os.path.basename(dst)}.tmp-', dir=parent)
   try:
-    meta = {**metadata, 'components': {k: v.to_json() for k, v in specs.items()}}
-    with open(os.path.join(tmp, METADATA_FILE), 'w') as f:
-      json.dump(meta, f, indent=2, sort_keys=True)
     tree = jax.tree.map(np.asarray, variables)
     with ocp.StandardCheckpointer() as ckptr:
       ckptr.save(os.path.join(tmp, PARAMS_DIR), tree)
+    meta = {
+      **metadata,
+      'components': {k: v.to_json() for k, v in specs.items()},
+      # orbax files carry no checksums: ours make any corruption a clean error at load time.
+      'params_sha256': _hash_tree(os.path.join(tmp, PARAMS_DIR)),
+    }
+    with open(os.path.join(tmp, METADATA_FILE), 'w') as f:
+      json.dump(meta, f, indent=2, sort_keys=True)
     if os.path.exists(dst):
       old = tempfile.mkdtemp(prefix=f'.{os.path.basename(dst)}.old-', dir=parent)
       os.rename(dst, os.path.join(old, 'x'))
@@ -177,7 +183,26 @@ def save_pretrained(
     shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _hash_tree(root: str) -> dict[str, str]:
+  """sha256 of every file under ``root``, by relative path."""
+  out = {}
+  for dirpath, _, files in os.walk(root):
+    for name in files:
+      full = os.path.join(dirpath, name)
+      h = hashlib.sha256()
+      with open(full, 'rb') as f:
+        for chunk in iter(lambda: f.read(1 << 20), b''):
+          h.update(chunk)
+      out[os.path.relpath(full, root)] = h.hexdigest()
+  return out
+
+
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
+  if os.path.isfile(path):
+    raise FileNotFoundError(
+      f'{path} is a file, not a converted checkpoint directory; convert it first: '
+      f'python -m convert --src {path} --dst DIR'
+    )
   meta_path = os.path.join(os.fspath(path), METADATA_FILE)
   if not os.path.isfile(meta_path):
     raise FileNotFoundError(
@@ -203,8 +228,24 @@ def load_pretrained(path: str | os.PathLike, **model_overrides: Any) -> Pretrain
   """
   meta = read_metadata(path)
   specs = {k: ComponentSpec(**v) for k, v in meta['components'].items()}
-  with ocp.StandardCheckpointer() as ckptr:
-    restored = ckptr.restore(os.path.join(os.fspath(path), PARAMS_DIR))
+  params_dir = os.path.join(os.fspath(path), PARAMS_DIR)
+  expected = meta.get('params_sha256')
+  if expected is not None:
+    actual = _hash_tree(params_dir) if os.path.isdir(params_dir) else {}
+    bad = sorted(k for k in expected if actual.get(k) != expected[k])
+    if bad:
+      raise CheckpointMismatchError(
+        f'{path} is corrupt or truncated: {len(bad)} parameter file(s) missing or changed '
+        f'({", ".join(bad[:3])}); convert or export it again'
+      )
+  try:
+    with ocp.StandardCheckpointer() as ckptr:
+      restored = ckptr.restore(params_dir)
+  except Exception as e:  # noqa: BLE001 -- orbax / tensorstore raise many types; one line for all
+    msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+    raise CheckpointMismatchError(
+      f'{path}: parameters unreadable (truncated or corrupt?): {msg}'
+    ) from None
   components = {}
   for name, spec in specs.items():
     if name not in restored:

@@ -1,0 +1,205 @@
+"""Reliability: kills and preemption, non-finite numerics, bad inputs, full disk."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import moco_to_mae
+from moma_jax import checkpointing, train
+from moma_jax.models import pretrained, vit
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, 'scripts'))
+
+
+def _config(**kw):
+  c = moco_to_mae.get_config('runlocal')
+  c.num_train_steps = 40
+  c.log_every = 5
+  c.checkpoint_every = 10
+  c.evaluators.knn.at_end = False
+  for k, v in kw.items():
+    node = c
+    *path, leaf = k.split('.')
+    for p in path:
+      node = node[p]
+    node[leaf] = v
+  return c
+
+
+def test_fault_injection_kills_and_resumes_bit_identical(tmp_path):
+  import fault_injection
+
+  out = fault_injection.run(str(tmp_path), kills=3, steps=400, checkpoint_every=40, seed=1,
+                            min_delay=0.0, max_delay=3.0)  # fmt: skip
+  landed = [e for e in out['kills'] if not e['finished_before_kill']]
+  assert len(landed) >= 2, out['kills']
+  sigterms = [e for e in landed if e['signal'] == 'SIGTERM']
+  assert all(e['exit_code'] == 0 and e['saved_on_sigterm'] for e in sigterms), out['kills']
+  assert out['identical'], out
+
+
+def test_sigterm_saves_at_the_current_step(tmp_path):
+  """In-process: a SIGTERM during training checkpoints the step in flight and returns cleanly."""
+  c = _config(num_train_steps=200, checkpoint_every=1000)
+  original = train.Preemption.reached
+  calls = {'n': 0}
+
+  def reached(self, step, ckpt):
+    calls['n'] += 1
+    if calls['n'] == 37:
+      os.kill(os.getpid(), signal.SIGTERM)
+    return original(self, step, ckpt)
+
+  train.Preemption.reached = reached
+  try:
+    out = train.train_and_evaluate(c, str(tmp_path))
+  finally:
+    train.Preemption.reached = original
+  assert out == {'step': 37, 'preempted': True}
+  assert checkpointing.Checkpointer(str(tmp_path / 'checkpoints')).latest_step() == 37
+  assert signal.getsignal(signal.SIGTERM) is not None  # handler restored
+
+
+def test_non_finite_loss_stops_with_the_step_and_never_checkpoints_it(tmp_path):
+  c = _config(checkpoint_every=1)
+  c.optim.base_lr = 1e38
+  with pytest.raises(
+    train.NonFiniteError, match=r'non-finite (loss|grad_norm|param_norm) .* at step \d+'
+  ):
+    train.train_and_evaluate(c, str(tmp_path))
+  ckpt = checkpointing.Checkpointer(str(tmp_path / 'checkpoints'))
+  for step in ckpt._manager.all_steps():
+    import orbax.checkpoint as ocp
+
+    state = ckpt._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))[
+      'state'
+    ]
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state['params']))
+
+
+def test_skip_nonfinite_counts_and_continues(tmp_path):
+  c = _config(skip_nonfinite=True)
+  c.optim.base_lr = 1e38
+  out = train.train_and_evaluate(c, str(tmp_path))
+  assert out['step'] == 40 and out['skipped_steps'] > 0
+  exported = pretrained.load_pretrained(str(tmp_path / 'export' / 'model')).params
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(exported))
+
+
+def test_refuses_to_resume_a_different_experiment(tmp_path):
+  train.train_and_evaluate(_config(stop_at_step=10), str(tmp_path))
+  with pytest.raises(ValueError, match=r'different experiment .*moma\.mask_ratio: 0\.9 -> 0\.75'):
+    train.train_and_evaluate(_config(**{'moma.mask_ratio': 0.75}), str(tmp_path))
+  out = train.train_and_evaluate(_config(num_train_steps=20), str(tmp_path))  # length may change
+  assert out['step'] == 20
+  forced = _config(**{'moma.mask_ratio': 0.75, 'num_train_steps': 30, 'force_resume': True})
+  assert train.train_and_evaluate(forced, str(tmp_path))['step'] == 30
+
+
+@pytest.fixture()
+def converted_teacher(tmp_path):
+  kw = {**vit.decode_variant('mu/4').kwargs(), 'image_size': 32}
+  variables = vit.ViT(**kw).init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+  d = str(tmp_path / 'teacher')
+  pretrained.save_pretrained(
+    d, {'encoder': pretrained.ComponentSpec('ViT', kw)}, {'encoder': variables}, {}
+  )
+  return d
+
+
+def _params_files(d):
+  root = os.path.join(d, 'params')
+  return sorted(os.path.join(dp, f) for dp, _, fs in os.walk(root) for f in fs)
+
+
+@pytest.mark.parametrize(
+  'damage', ['missing', 'pth_file', 'deleted_file', 'flipped_byte', 'wrong_size']
+)
+def test_bad_teacher_checkpoints_fail_fast_with_one_line(tmp_path, converted_teacher, damage):
+  path = converted_teacher
+  if damage == 'missing':
+    path = str(tmp_path / 'nope')
+  elif damage == 'pth_file':
+    path = str(tmp_path / 'vit-b-300ep.pth.tar')
+    open(path, 'wb').write(b'PK\x03\x04 whatever')
+  elif damage == 'deleted_file':
+    os.remove(_params_files(path)[-1])
+  elif damage == 'flipped_byte':
+    f = max(_params_files(path), key=os.path.getsize)
+    data = bytearray(open(f, 'rb').read())
+    data[len(data) // 2] ^= 0xFF
+    open(f, 'wb').write(bytes(data))
+  else:  # a teacher for 48 px images, student at 32 px
+    kw = {**vit.decode_variant('mu/4').kwargs(), 'image_size': 48}
+    v = vit.ViT(**kw).init(jax.random.key(0), jnp.zeros((1, 48, 48, 3)))
+    path = str(tmp_path / 't48')
+    pretrained.save_pretrained(
+      path, {'encoder': pretrained.ComponentSpec('ViT', kw)}, {'encoder': v}, {}
+    )
+  workdir = tmp_path / 'run'
+  r = subprocess.run(
+    [sys.executable, 'main.py', '--config=configs/moco_to_mae.py:runlocal', f'--workdir={workdir}',
+     f'--config.teachers.moco.checkpoint={path}'],
+    cwd=ROOT, env={**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': ''}, capture_output=True,
+    text=True, timeout=300,
+  )  # fmt: skip
+  assert r.returncode == 2, r.stderr[-2000:]
+  err = [ln for ln in r.stderr.splitlines() if ln.startswith('error: ')]
+  assert len(err) == 1, r.stderr[-2000:]
+  expected = {
+    'missing': 'not a converted checkpoint directory',
+    'pth_file': 'convert it first',
+    'deleted_file': 'corrupt or truncated',
+    'flipped_byte': 'corrupt or truncated',
+    'wrong_size': 'takes 48px images',
+  }[damage]
+  assert expected in err[0], err[0]
+  assert not workdir.exists()  # failed before writing anything
+
+
+def test_full_disk_during_a_save_keeps_the_previous_checkpoint(tmp_path):
+  """A checkpoint save that hits the file-size limit (EFBIG, as ENOSPC would) fails the run;
+  the previous checkpoint stays complete, and a restart resumes from it to the same result."""
+  cmd = [sys.executable, 'main.py', '--config=configs/moco_to_mae.py:runlocal',
+         '--config.num_train_steps=40', '--config.checkpoint_every=10',
+         '--config.evaluators.knn.at_end=False']  # fmt: skip
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': ''}
+  ref, run = tmp_path / 'ref', tmp_path / 'run'
+  subprocess.run(cmd + [f'--workdir={ref}'], cwd=ROOT, env=env, check=True, capture_output=True)
+  subprocess.run(
+    cmd + [f'--workdir={run}', '--config.stop_at_step=10'],
+    cwd=ROOT,
+    env=env,
+    check=True,
+    capture_output=True,
+  )
+  ckpt10 = run / 'checkpoints' / '10'
+  before = {p: open(p, 'rb').read() for p in map(str, ckpt10.rglob('*')) if os.path.isfile(p)}
+
+  # Writes past a 20 KB file-size limit fail with EFBIG, as a full disk fails with ENOSPC.
+  limited = f"trap '' XFSZ; ulimit -f 20; exec {' '.join(cmd)} --workdir={run}"
+  r = subprocess.run(
+    ['bash', '-c', limited], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+  )
+  assert r.returncode == 2
+  err = [ln for ln in r.stderr.splitlines() if ln.startswith('error: ')]
+  assert len(err) == 1 and 'could not write the checkpoint of step 20' in err[0], r.stderr[-3000:]
+  assert 'the checkpoint of step 10 is intact' in err[0]
+  assert checkpointing.Checkpointer(str(run / 'checkpoints')).latest_step() == 10
+  after = {p: open(p, 'rb').read() for p in before}
+  assert after == before  # the previous checkpoint is untouched
+  subprocess.run(cmd + [f'--workdir={run}'], cwd=ROOT, env=env, check=True, capture_output=True)
+  a = pretrained.load_pretrained(str(ref / 'export' / 'model')).params
+  b = pretrained.load_pretrained(str(run / 'export' / 'model')).params
+  jax.tree.map(np.testing.assert_array_equal, a, b)
+  shutil.rmtree(tmp_path, ignore_errors=True)
