@@ -58,7 +58,7 @@ def run(workdir: str, kills: int, steps: int, checkpoint_every: int, seed: int,
     proc = subprocess.Popen(_command(faulty, steps, checkpoint_every), cwd=ROOT, env=_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
     lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)
+    reader = threading.Thread(target=lines.extend, args=(proc.stderr,), daemon=True)
     reader.start()
     # Wait until training runs (its first metrics line), then kill at a random moment after.
     t0 = time.time()
