@@ -130,8 +130,8 @@ def moma_config(name: str, args: ml_collections.ConfigDict) -> ml_collections.Co
   return c
 
 
-def runlocal(c: ml_collections.ConfigDict) -> None:
-  """Shrinks a config to a few minutes on a 2-core CPU with the embedded digits_m dataset."""
+def runlocal_data(c: ml_collections.ConfigDict) -> None:
+  """The embedded digits_m dataset at 32 px, for every runlocal variant."""
   c.data.name = 'digits_m'
   c.data.train_split, c.data.eval_split = 'train', 'test'
   c.data.image_size = 32
@@ -139,6 +139,11 @@ def runlocal(c: ml_collections.ConfigDict) -> None:
   c.data.eval_resize_ratio = 1.0
   for v in c.data.views.values():
     v.size = 32
+
+
+def runlocal(c: ml_collections.ConfigDict) -> None:
+  """Shrinks a MOMA config to a few minutes on a 2-core CPU with the embedded digits_m dataset."""
+  runlocal_data(c)
   if 'student' in c:
     c.student.variant = 'mu/4'
   c.batch_size = 64
@@ -186,12 +191,8 @@ def runlocal_classification(c: ml_collections.ConfigDict) -> None:
   c.classifier.update(
     mixup_alpha=0.0, cutmix_alpha=0.0, erase_prob=0.0, label_smoothing=0.0, drop_path=0.0
   )
-  c.data.name = 'digits_m'
-  c.data.train_split, c.data.eval_split = 'train', 'test'
-  c.data.image_size = 32
-  c.data.shuffle_buffer = 6000
-  c.data.eval_resize_ratio = 1.0
   c.data.views = dict(image=dict(size=32, scale=(0.5, 1.0)))
+  runlocal_data(c)
   c.classifier.variant = 'mu/4'
   c.batch_size = 128
   c.num_train_steps = 600
@@ -227,13 +228,7 @@ def pretrain_config(
 
 def runlocal_pretrain(c: ml_collections.ConfigDict) -> None:
   """runlocal for pre-training configs: digits_m, ViT mu/4, a tiny decoder, a few minutes."""
-  c.data.name = 'digits_m'
-  c.data.train_split, c.data.eval_split = 'train', 'test'
-  c.data.image_size = 32
-  c.data.shuffle_buffer = 6000
-  c.data.eval_resize_ratio = 1.0
-  for v in c.data.views.values():
-    v.size = 32
+  runlocal_data(c)
   c.model.update(variant='mu/4', decoder_width=64, decoder_depth=1, decoder_heads=4)
   c.batch_size = 64
   c.num_train_steps = 300

@@ -33,6 +33,20 @@ def _encoder(loaded: pretrained.Pretrained, what: str) -> vit.ViT:
   return m
 
 
+def _from_variant(variant: str, size: int, dtype_name: str = 'float32', drop_path: float = 0.0):
+  """A randomly initialisable ViT of a named variant for ``size`` px images."""
+  return vit.ViT(
+    **vit.decode_variant(variant).kwargs(), image_size=size, dtype=dtype(dtype_name),
+    drop_path=drop_path,
+  )  # fmt: skip
+
+
+def _random_teacher(variant: str, size: int, dtype_name: str, key: jax.Array):
+  """(model, variables) of a randomly initialised frozen teacher (runlocal without checkpoints)."""
+  model = _from_variant(variant, size, dtype_name)
+  return model, jax.jit(model.init)(key, jnp.zeros((1, size, size, 3)))
+
+
 def _check_size(model: vit.ViT, size: int, what: str) -> None:
   if model.image_size != size:
     raise ValueError(
@@ -53,10 +67,7 @@ def build_moma(config: ml_collections.ConfigDict) -> tuple[Moma, dict[str, Any],
     student_params = loaded.params['params']
     notes.append(f'student: {sc.checkpoint} ({loaded.metadata.get("variant")})')
   else:
-    student = vit.ViT(
-      **vit.decode_variant(sc.variant).kwargs(), image_size=size, dtype=dtype(sc.dtype),
-      drop_path=sc.drop_path,
-    )  # fmt: skip
+    student = _from_variant(sc.variant, size, sc.dtype, sc.drop_path)
     student_params = None
     notes.append(f'student: randomly initialised {sc.variant}')
   _check_size(student, size, 'the student')
@@ -69,13 +80,8 @@ def build_moma(config: ml_collections.ConfigDict) -> tuple[Moma, dict[str, Any],
       source = tc.checkpoint
       notes.append(f'teacher {name}: {source}, weight {tc.weight}, student view {tc.student_view}')
     else:
-      model = vit.ViT(
-        **vit.decode_variant(tc.variant).kwargs(),
-        image_size=size,
-        dtype=dtype(config.teacher_dtype),
-      )
       key = jax.random.fold_in(jax.random.key(config.seed + 1), len(teachers))
-      frozen[name] = jax.jit(model.init)(key, jnp.zeros((1, size, size, 3)))
+      model, frozen[name] = _random_teacher(tc.variant, size, config.teacher_dtype, key)
       source = 'random'
       notes.append(
         f'teacher {name}: RANDOMLY INITIALISED {tc.variant} (no checkpoint given): this run '
@@ -157,10 +163,7 @@ def build_pretraining(config: ml_collections.ConfigDict, total_steps: int):
       start['decoder'] = dec.variables['params']
     notes.append(f'continuing from {m.checkpoint} ({", ".join(start)})')
   else:
-    encoder = vit.ViT(
-      **vit.decode_variant(m.variant).kwargs(), image_size=size, dtype=dtype(m.dtype),
-      drop_path=m.drop_path,
-    )  # fmt: skip
+    encoder = _from_variant(m.variant, size, m.dtype, m.drop_path)
     notes.append(f'{config.objective}: randomly initialised {m.variant}')
   _check_size(encoder, size, 'the encoder')
   if decoder is None:
@@ -196,9 +199,8 @@ def build_pretraining(config: ml_collections.ConfigDict, total_steps: int):
       frozen['teacher'] = t_loaded.params
       notes.append(f'teacher: {d.teacher}')
     else:
-      teacher = vit.ViT(**vit.decode_variant(d.teacher_variant).kwargs(), image_size=size)
-      frozen['teacher'] = jax.jit(teacher.init)(
-        jax.random.key(config.seed + 1), jnp.zeros((1, size, size, 3))
+      teacher, frozen['teacher'] = _random_teacher(
+        d.teacher_variant, size, d.teacher_dtype, jax.random.key(config.seed + 1)
       )
       notes.append(f'teacher: RANDOMLY INITIALISED {d.teacher_variant} (no dmae.teacher given)')
     _check_size(teacher, size, 'the DMAE teacher')

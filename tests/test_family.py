@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 
@@ -22,6 +21,8 @@ from moma_jax.objectives.dmae import Dmae, l2_normalize
 from moma_jax.objectives.mae import Mae, mae_decoder_for, masked_mean, pixel_targets
 from moma_jax.objectives.mocov3 import MocoV3, infonce
 from moma_jax.objectives.rc_mae import RcMae
+
+from runlocal_helpers import runlocal_config
 
 
 def _vit(variant='mu/4'):
@@ -166,12 +167,7 @@ def test_mocov3_global_batch_semantics_8_devices_equal_1():
 
 
 def _config(name, steps=60):
-  c = importlib.import_module(f'configs.{name}').get_config('runlocal')
-  c.num_train_steps = steps
-  c.log_every = 10
-  c.checkpoint_every = 1000
-  c.evaluators.knn.at_end = False
-  return c
+  return runlocal_config(name, steps, 1000, 10)
 
 
 @pytest.mark.parametrize('name', ['mae_pretrain', 'mocov3_pretrain', 'dmae', 'rc_mae'])

@@ -13,27 +13,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import moco_to_mae
 from moma_jax import checkpointing, train
 from moma_jax.models import pretrained, vit
+
+from runlocal_helpers import runlocal_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, 'scripts'))
 
 
-def _config(**kw):
-  c = moco_to_mae.get_config('runlocal')
-  c.num_train_steps = 40
-  c.log_every = 5
-  c.checkpoint_every = 10
-  c.evaluators.knn.at_end = False
-  for k, v in kw.items():
-    node = c
-    *path, leaf = k.split('.')
-    for p in path:
-      node = node[p]
-    node[leaf] = v
-  return c
+def _config(**overrides):
+  return runlocal_config('moco_to_mae', 40, 10, 5, **overrides)
 
 
 def test_fault_injection_kills_and_resumes_bit_identical(tmp_path):

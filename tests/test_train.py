@@ -3,7 +3,6 @@ main.py runs, bad config fails fast."""
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import subprocess
@@ -15,23 +14,13 @@ import pytest
 from moma_jax import train
 from moma_jax.models.pretrained import load_pretrained
 
+from runlocal_helpers import runlocal_config
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _config(name: str, **overrides):
-  module = importlib.import_module(f'configs.{name}')
-  c = module.get_config('runlocal')
-  c.num_train_steps = 60
-  c.log_every = 10
-  c.checkpoint_every = 20
-  c.evaluators.knn.at_end = False
-  for k, v in overrides.items():
-    node = c
-    *path, leaf = k.split('.')
-    for p in path:
-      node = node[p]
-    node[leaf] = v
-  return c
+  return runlocal_config(name, 60, 20, 10, **overrides)
 
 
 def _history(workdir):
