@@ -23,7 +23,9 @@ sys.path.insert(0, os.path.join(ROOT, 'scripts'))
 
 
 def _config(**overrides):
-  return runlocal_config('moco_to_mae', 40, 10, 5, **overrides)
+  steps = overrides.pop('num_train_steps', 40)
+  checkpoint_every = overrides.pop('checkpoint_every', 10)
+  return runlocal_config('moco_to_mae', steps, checkpoint_every, 5, **overrides)
 
 
 def test_fault_injection_kills_and_resumes_bit_identical(tmp_path):
