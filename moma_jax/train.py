@@ -411,15 +411,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     process_index=jax.process_index(),
   )  # fmt: skip
 
-  def device_batches():
-    """(global batch, host stream position after it); one batch in flight ahead of the step."""
-    pending = []
-    for batch in train_iter:
-      pending.append((device.make_global(batch, batch_sharding), train_iter.next_index))
-      if len(pending) > 1:
-        yield pending.pop(0)
-    yield from pending
-
   train_step = jit_train_step(
     objective, tx, schedule, mesh, state_sharding, frozen_sharding, config.skip_nonfinite
   )
@@ -438,7 +429,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   history: list[dict[str, float]] = []
   prev_metrics = None
   t_log, steps_since_log = time.perf_counter(), 0
-  batches = device_batches()
+  tagged = ((batch, train_iter.next_index) for batch in train_iter)
+  batches = device.prefetch_to_device(tagged, batch_sharding, size=1)
   stop = min(total_steps, config.stop_at_step or total_steps)
   preemption = Preemption()
   preempted = False

@@ -45,14 +45,20 @@ def make_global(local: dict[str, np.ndarray], sharding: NamedSharding) -> dict[s
   return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), local)
 
 
-def prefetch_to_device(
-  batches: Iterable[dict[str, np.ndarray]], sharding: NamedSharding, size: int = 2
-) -> Iterator[dict[str, Any]]:
+def prefetch_to_device(items: Iterable[Any], sharding: NamedSharding, size: int = 2) -> Iterator[Any]:
   """Keeps ``size`` batches in flight: transfers are asynchronous, so the next batch's copy
-  overlaps the current step. (flax.jax_utils.prefetch_to_device is pmap-only, hence this.)"""
+  overlaps the current step. (flax.jax_utils.prefetch_to_device is pmap-only, hence this.)
+
+  items: host batches, or (host batch, tag) pairs whose tag passes through untouched (the
+  trainer tags each batch with the input stream's position after it).
+  """
   queue: collections.deque = collections.deque()
-  for batch in batches:
-    queue.append(make_global(batch, sharding))
+  for item in items:
+    if isinstance(item, tuple):
+      batch, tag = item
+      queue.append((make_global(batch, sharding), tag))
+    else:
+      queue.append(make_global(item, sharding))
     if len(queue) > size:
       yield queue.popleft()
   while queue:
