@@ -45,7 +45,9 @@ def make_global(local: dict[str, np.ndarray], sharding: NamedSharding) -> dict[s
   return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), local)
 
 
-def prefetch_to_device(items: Iterable[Any], sharding: NamedSharding, size: int = 2) -> Iterator[Any]:
+def prefetch_to_device(
+  items: Iterable[Any], sharding: NamedSharding, size: int = 2
+) -> Iterator[Any]:
   """Keeps ``size`` batches in flight: transfers are asynchronous, so the next batch's copy
   overlaps the current step. (flax.jax_utils.prefetch_to_device is pmap-only, hence this.)
 

@@ -13,7 +13,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from moma_jax.data.mixing import normalize
 from moma_jax.models.vit import ViT
 from moma_jax.objectives.mae import Mae
 
@@ -57,11 +56,7 @@ class Dmae(Mae):
     return params, extra
 
   def loss(self, params, extra, frozen, batch, rng):
-    k_mask, k_drop = jax.random.split(rng)
-    images = normalize(batch['image'])
-    keep = self.keep_idx(k_mask, images.shape[0])
-    pred, _, aux = self.reconstruct(params, images, keep, k_drop)
-    pixel = self.pixel_loss(pred, images, keep)
+    images, keep, _, aux, pixel = self.masked_reconstruction(params, batch, rng)
     _, t_aux = self.teacher.apply(frozen['teacher'], images, keep)  # same visible tokens
     target = jax.lax.stop_gradient(t_aux[f'block_{self.teacher_block - 1}'][:, 1:])
     student = aux[f'block_{self.student_block - 1}'][:, 1:]

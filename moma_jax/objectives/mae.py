@@ -88,12 +88,17 @@ class Mae:
   def keep_idx(self, rng: Array, batch: int) -> Array:
     return masking.random_keep_idx(rng, batch, self.encoder.num_patches, self.mask_ratio)
 
-  def loss(self, params, extra, frozen, batch, rng):
+  def masked_reconstruction(self, params, batch, rng):
+    """The MAE forward shared by MAE, DMAE and RC-MAE: (images, keep_idx, predictions,
+    encoder intermediates, pixel loss) for one batch; ``rng`` drives masking and drop path."""
     k_mask, k_drop = jax.random.split(rng)
     images = normalize(batch['image'])
     keep = self.keep_idx(k_mask, images.shape[0])
-    pred, _, _ = self.reconstruct(params, images, keep, k_drop)
-    loss = self.pixel_loss(pred, images, keep)
+    pred, _, aux = self.reconstruct(params, images, keep, k_drop)
+    return images, keep, pred, aux, self.pixel_loss(pred, images, keep)
+
+  def loss(self, params, extra, frozen, batch, rng):
+    *_, loss = self.masked_reconstruction(params, batch, rng)
     return loss, ({'loss': loss}, extra)
 
   def features(self, params, extra, frozen, images: Array) -> Array:

@@ -10,7 +10,6 @@ import jax
 import jax.numpy as jnp
 
 from moma_jax import ema
-from moma_jax.data.mixing import normalize
 from moma_jax.objectives.mae import Mae, masked_mean
 
 
@@ -31,12 +30,8 @@ class RcMae(Mae):
     else:
       m = jnp.asarray(self.momentum)
     teacher = ema.ema_update(extra['ema'], params, m)
-    k_mask, k_drop = jax.random.split(rng)
-    images = normalize(batch['image'])
-    keep = self.keep_idx(k_mask, images.shape[0])
-    pred, _, _ = self.reconstruct(params, images, keep, k_drop)
+    images, keep, pred, _, pixel = self.masked_reconstruction(params, batch, rng)
     t_pred, _, _ = self.reconstruct(teacher, images, keep)
-    pixel = self.pixel_loss(pred, images, keep)
     consistency = masked_mean(jnp.square(pred - jax.lax.stop_gradient(t_pred)).mean(-1), keep)
     loss = pixel + self.consistency_weight * consistency
     metrics = {'loss': loss, 'loss/pixel': pixel, 'loss/consistency': consistency, 'momentum': m}
