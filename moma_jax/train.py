@@ -33,7 +33,7 @@ from jax.experimental import multihost_utils
 from moma_jax import builders, checkpointing, flops, optim, sharding
 from moma_jax.data import device, pipeline, sources
 from moma_jax.evaluators.classification import ClassificationEvaluator
-from moma_jax.evaluators.knn import KnnEvaluator
+from moma_jax.evaluators.knn import KnnEvaluator, cls_features
 from moma_jax.models import pretrained, vit
 
 
@@ -174,14 +174,17 @@ def make_evaluations(config, objective, mesh, data_axes) -> list[Evaluation]:
         batch_size=ec.batch_size, max_train_examples=ec.max_train or None, **common,
       )  # fmt: skip
 
-      def run(state, frozen, ev=ev):
-        args = (state.params, state.extra, frozen)
-        return ev.run(lambda a, x: objective.features(*a, x), args, 'knn/model')
+      # Built once, so every periodic evaluation hits jit's cache instead of recompiling.
+      def features(a, x):
+        return objective.features(*a, x)
+
+      def run(state, frozen, ev=ev, features=features):
+        return ev.run(features, (state.params, state.extra, frozen), 'knn/model')
 
       def final(state, frozen, ev=ev, ec=ec):
         if ec.get('teachers') and hasattr(objective, 'teachers'):
           for t_name, t in objective.teachers.items():
-            yield from ev.run(_cls_features(t.model), frozen[t_name], f'knn/teacher_{t_name}')
+            yield from ev.run(cls_features(t.model), frozen[t_name], f'knn/teacher_{t_name}')
         if ec.get('raw_pixels'):
           yield from ev.run(_pixel_features, None, 'knn/raw_pixels')
 
@@ -191,24 +194,16 @@ def make_evaluations(config, objective, mesh, data_axes) -> list[Evaluation]:
         dataset=config.data.name, split=ec.split, batch_size=ec.batch_size, **common
       )
 
-      def run(state, frozen, ev=ev):
-        args = (state.params, state.extra, frozen)
-        return ev.run(lambda a, x: objective.predict(*a, x), args, 'eval')
+      def predict(a, x):
+        return objective.predict(*a, x)
+
+      def run(state, frozen, ev=ev, predict=predict):
+        return ev.run(predict, (state.params, state.extra, frozen), 'eval')
 
       evals.append(Evaluation('classification', ec.every_steps, ec.at_end, run))
     else:
       raise ValueError(f"unknown evaluator {name!r}; known: 'knn', 'classification'")
   return evals
-
-
-def _cls_features(model: vit.ViT):
-  def fn(variables, images):
-    from moma_jax.data.mixing import normalize
-
-    tokens, _ = model.apply(variables, normalize(images))
-    return tokens[:, 0].astype(jnp.float32)
-
-  return fn
 
 
 def _pixel_features(_, images):

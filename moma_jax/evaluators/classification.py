@@ -30,21 +30,30 @@ class ClassificationEvaluator:
     self.view = ViewSpec(size=image_size, crop='center', resize_ratio=resize_ratio)
     self.per_host = device.check_batch_size(batch_size, mesh, data_axes)
     self.sharding = device.batch_sharding(mesh, data_axes)
+    self._compiled: dict[Callable, Callable] = {}
+
+  def _counts_fn(self, predict_fn):
+    """Jitted (args, batch) -> [top-1 hits, top-5 hits, examples]; built once per predict_fn so
+    periodic evaluations reuse the compiled function."""
+    if predict_fn not in self._compiled:
+
+      @jax.jit
+      def counts(args, batch):
+        logits = predict_fn(args, batch['image'])
+        top5 = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
+        hit5 = (top5 == batch['label'][:, None]).any(-1)
+        hit1 = top5[:, 0] == batch['label']
+        m = batch['mask']
+        return jnp.stack([(hit1 & m).sum(), (hit5 & m).sum(), m.sum()])
+
+      self._compiled[predict_fn] = counts
+    return self._compiled[predict_fn]
 
   def run(
     self, predict_fn: Callable[[Any, jax.Array], jax.Array], args: Any, prefix: str = 'eval'
   ) -> Iterator[tuple[str, float]]:
     """predict_fn(args, uint8 images [B, H, W, 3]) -> logits [B, C]."""
-
-    @jax.jit
-    def counts(args, batch):
-      logits = predict_fn(args, batch['image'])
-      top5 = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
-      hit5 = (top5 == batch['label'][:, None]).any(-1)
-      hit1 = top5[:, 0] == batch['label']
-      m = batch['mask']
-      return jnp.stack([(hit1 & m).sum(), (hit5 & m).sum(), m.sum()])
-
+    counts = self._counts_fn(predict_fn)
     it = pipeline.eval_iterator(
       self.source, {'image': self.view}, batch_size=self.per_host,
       process_count=jax.process_count(),

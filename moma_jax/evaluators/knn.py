@@ -7,11 +7,14 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
 from moma_jax.data import device, pipeline, sources
 from moma_jax.data.augment import ViewSpec
+from moma_jax.data.mixing import normalize
+from moma_jax.models.vit import ViT
 
 
 def knn_predict(
@@ -76,6 +79,18 @@ def extract_features(
   return np.concatenate(feats), np.concatenate(labels)
 
 
+def cls_features(model: ViT) -> Callable[[Any, jax.Array], jax.Array]:
+  """(variables, uint8 images) -> the CLS token of ``model`` on the full image, [B, D] float32;
+  for a global-pooling classifier, its pre-logits."""
+
+  def fn(variables, images):
+    out, aux = model.apply(variables, normalize(images))
+    feats = aux['pre_logits'] if model.pool == 'gap' else aux['encoded'][:, 0]
+    return feats.astype(jnp.float32)
+
+  return fn
+
+
 class KnnEvaluator:
   """Periodic k-NN top-1 of an encoder: train-split features as the memory bank, eval split queried."""
 
@@ -121,7 +136,6 @@ def main(argv: list[str] | None = None) -> int:
   import argparse
 
   from moma_jax import sharding
-  from moma_jax.data.mixing import normalize
   from moma_jax.models.pretrained import load_pretrained
 
   p = argparse.ArgumentParser(description='k-NN top-1 of an encoder checkpoint (CLS features)')
@@ -137,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument('--resize_ratio', type=float, default=256 / 224)
   a = p.parse_args(argv)
   loaded = load_pretrained(a.checkpoint)
-  model = loaded.model.clone(num_classes=0) if loaded.model.pool == 'cls' else loaded.model
+  model = loaded.model.clone(num_classes=0)  # the head (if any) is dropped from params below
   mesh = sharding.make_mesh({'data': -1})
   ev = KnnEvaluator(
     dataset=a.dataset, train_split=a.train_split, eval_split=a.eval_split,
@@ -146,12 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     resize_ratio=a.resize_ratio,
   )  # fmt: skip
 
-  def features(variables, images):
-    out, aux = model.apply(variables, normalize(images))
-    return (aux['pre_logits'] if model.pool == 'gap' else out[:, 0]).astype(jax.numpy.float32)
-
   params = {'params': {k: v for k, v in loaded.params['params'].items() if k != 'head'}}
-  for name, value in ev.run(features, params):
+  for name, value in ev.run(cls_features(model), params):
     print(f'{name}: {100 * value:.2f}%')
   return 0
 
