@@ -33,12 +33,19 @@ def main(argv):
     'JAX %s, %d processes, devices: %s', jax.__version__, jax.process_count(), jax.devices()
   )
   try:
-    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    final = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except (ValueError, OSError, train.NonFiniteError) as e:
     # Bad input, a full disk or diverged training: one line, no traceback.
     logging.error('%s', e)
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
+  knn = {k.split('/')[1]: v for k, v in final.items() if k.startswith('knn/')}
+  if knn and jax.process_index() == 0:  # the student next to its teachers and the raw-pixel floor
+    model = 'student' if any(k.startswith('teacher_') for k in knn) else 'model'
+    parts = [
+      f'{model if k == "model" else k.replace("_", " ")} {100 * v:.1f}%' for k, v in knn.items()
+    ]
+    print('k-NN top-1 on the held-out split: ' + ', '.join(parts))
 
 
 if __name__ == '__main__':

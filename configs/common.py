@@ -37,10 +37,32 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
 
 def teacher(checkpoint: str = '', variant: str = 'B/16', weight: float = 1.0,
             student_view: str = 'masked') -> ml_collections.ConfigDict:  # fmt: skip
-  """A teacher entry: converted checkpoint directory (or '' for a random one of ``variant``)."""
+  """A teacher entry: a converted checkpoint directory or an official PyTorch file (converted on
+  the fly), or '' for a randomly initialised ``variant``."""
   return ml_collections.ConfigDict(
     dict(checkpoint=checkpoint, variant=variant, weight=weight, student_view=student_view)
   )
+
+
+def override(c: ml_collections.ConfigDict, items) -> ml_collections.ConfigDict:
+  """Sets dotted keys in place, like --config.KEY=VALUE: override(c, {'moma.mask_ratio': 0.75})."""
+  for key, value in dict(items).items():
+    node = c
+    *parents, leaf = key.split('.')
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return c
+
+
+def shipped(arg: str, name: str) -> str:
+  """runlocal checkpoints: ``arg`` if given, '' for 'random', else the shipped tiny teacher ``name``
+  (teachers/, see moma_jax/experiments/teachers.py)."""
+  if arg == 'random':
+    return ''
+  from moma_jax.experiments import teachers
+
+  return arg or teachers.path(name)
 
 
 def optim_config(**overrides: Any) -> ml_collections.ConfigDict:

@@ -15,6 +15,7 @@ def get_config(arg: str | None = None):
   c = common.moma_config('mae_to_moco', args)
   c.teachers.mae = common.teacher(args.teacher, student_view='masked')
   c.student.checkpoint = args.student
-  if args.runlocal:
-    c.teachers.mae.variant = 'mu/4'
+  if args.runlocal:  # the shipped tiny MAE teacher and MoCo v3 student (random: teacher=random)
+    c.teachers.mae.update(variant='mu/4', checkpoint=common.shipped(args.teacher, 'mae_mu'))
+    c.student.checkpoint = common.shipped(args.student, 'mocov3_mu')
   return c

@@ -2,7 +2,7 @@ r"""MOMA: MoCo v3 teacher -> pre-trained MAE student (the paper's best single-te
 
 The student also gets MoCo's strong augmentation ("do the task the teacher was trained on").
 
-  # on the embedded data, random tiny teachers, a few minutes on a CPU:
+  # on the embedded data with the shipped tiny teachers (teachers/), a few minutes on a CPU:
   python main.py --config=configs/moco_to_mae.py:runlocal --workdir=/tmp/moco_to_mae
   # ImageNet, ViT-B teacher and student (converted with python -m convert):
   python main.py --config=configs/moco_to_mae.py --workdir=gs://BUCKET/moco_to_mae \
@@ -18,6 +18,7 @@ def get_config(arg: str | None = None):
   c = common.moma_config('moco_to_mae', args)
   c.teachers.moco = common.teacher(args.teacher, student_view='strong')
   c.student.checkpoint = args.student
-  if args.runlocal:
-    c.teachers.moco.variant = 'mu/4'
+  if args.runlocal:  # the shipped tiny MoCo v3 teacher and MAE student (random: teacher=random)
+    c.teachers.moco.update(variant='mu/4', checkpoint=common.shipped(args.teacher, 'mocov3_mu'))
+    c.student.checkpoint = common.shipped(args.student, 'mae_mu')
   return c

@@ -19,8 +19,8 @@ def get_config(arg: str | None = None):
   c.teachers.mae = common.teacher(args.mae, weight=args.alpha, student_view='masked')
   c.teachers.moco = common.teacher(args.moco, weight=args.beta, student_view='strong')
   c.student.variant = args.variant
-  if args.runlocal:
+  if args.runlocal:  # the shipped tiny teachers (random ones: mae=random,moco=random)
     c.student.variant = 'mu/4'
-    for t in c.teachers.values():
-      t.variant = 'mu/4'
+    c.teachers.mae.update(variant='mu/4', checkpoint=common.shipped(args.mae, 'mae_mu'))
+    c.teachers.moco.update(variant='mu/4', checkpoint=common.shipped(args.moco, 'mocov3_mu'))
   return c

@@ -6,6 +6,8 @@ Returns (objective, frozen variables, pre-trained params to start from or None, 
 
 from __future__ import annotations
 
+import os
+import tempfile
 from typing import Any
 
 import jax
@@ -21,6 +23,26 @@ def dtype(name: str):
   if name not in ('float32', 'bfloat16'):
     raise ValueError(f"dtype must be 'float32' or 'bfloat16', not {name!r}")
   return jnp.dtype(name)
+
+
+TORCH_SUFFIXES = ('.pth', '.pth.tar', '.pt', '.bin', '.safetensors')
+
+
+def load_checkpoint(path: str, **overrides: Any) -> pretrained.Pretrained:
+  """A converted checkpoint directory, or a PyTorch / safetensors file (MAE, MoCo v3, timm)
+  converted on the fly through ``convert/`` into a temporary directory: the same path as
+  ``python -m convert`` followed by loading its output."""
+  if not os.path.isfile(path) or not path.endswith(TORCH_SUFFIXES):
+    return pretrained.load_pretrained(path, **overrides)
+  from convert.convert import convert_checkpoint
+  from convert.errors import ConvertError
+
+  with tempfile.TemporaryDirectory() as tmp:
+    try:
+      convert_checkpoint(path, os.path.join(tmp, 'converted'))
+    except ConvertError as e:
+      raise ValueError(str(e)) from e
+    return pretrained.load_pretrained(os.path.join(tmp, 'converted'), **overrides)
 
 
 def _encoder(loaded: pretrained.Pretrained, what: str) -> vit.ViT:
@@ -60,9 +82,7 @@ def build_moma(config: ml_collections.ConfigDict) -> tuple[Moma, dict[str, Any],
   notes = []
   sc = config.student
   if sc.checkpoint:
-    loaded = pretrained.load_pretrained(
-      sc.checkpoint, dtype=dtype(sc.dtype), drop_path=sc.drop_path
-    )
+    loaded = load_checkpoint(sc.checkpoint, dtype=dtype(sc.dtype), drop_path=sc.drop_path)
     student = _encoder(loaded, f'student checkpoint {sc.checkpoint}')
     student_params = loaded.params['params']
     notes.append(f'student: {sc.checkpoint} ({loaded.metadata.get("variant")})')
@@ -74,7 +94,7 @@ def build_moma(config: ml_collections.ConfigDict) -> tuple[Moma, dict[str, Any],
   teachers, frozen = {}, {}
   for name, tc in config.teachers.items():
     if tc.checkpoint:
-      loaded = pretrained.load_pretrained(tc.checkpoint, dtype=dtype(config.teacher_dtype))
+      loaded = load_checkpoint(tc.checkpoint, dtype=dtype(config.teacher_dtype))
       model = _encoder(loaded, f'teacher {name} checkpoint {tc.checkpoint}')
       frozen[name] = loaded.params
       source = tc.checkpoint
@@ -112,7 +132,7 @@ def build_classification(
   common = dict(num_classes=n, pool=c.pool, drop_path=c.drop_path, dtype=dtype(c.dtype))
   frozen, start, notes = {}, None, []
   if c.checkpoint:
-    loaded = pretrained.load_pretrained(c.checkpoint)
+    loaded = load_checkpoint(c.checkpoint)
     m = loaded.model
     arch = {k: getattr(m, k) for k in ('width', 'depth', 'num_heads', 'mlp_dim', 'patch_size',
                                         'image_size', 'channels')}  # fmt: skip
@@ -154,7 +174,7 @@ def build_pretraining(config: ml_collections.ConfigDict, total_steps: int):
   start: dict[str, Any] = {}
   decoder = None
   if m.checkpoint:
-    loaded = pretrained.load_pretrained(m.checkpoint, dtype=dtype(m.dtype), drop_path=m.drop_path)
+    loaded = load_checkpoint(m.checkpoint, dtype=dtype(m.dtype), drop_path=m.drop_path)
     encoder = _encoder(loaded, f'model.checkpoint {m.checkpoint}')
     start['encoder'] = loaded.params['params']
     if 'decoder' in loaded.heads:  # an MAE _full checkpoint: continue with its decoder
@@ -194,7 +214,7 @@ def build_pretraining(config: ml_collections.ConfigDict, total_steps: int):
   else:  # dmae
     d = config.dmae
     if d.teacher:
-      t_loaded = pretrained.load_pretrained(d.teacher, dtype=dtype(d.teacher_dtype))
+      t_loaded = load_checkpoint(d.teacher, dtype=dtype(d.teacher_dtype))
       teacher = _encoder(t_loaded, f'dmae.teacher {d.teacher}')
       frozen['teacher'] = t_loaded.params
       notes.append(f'teacher: {d.teacher}')

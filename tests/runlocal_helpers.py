@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib
 
+from configs import common
+
 
 def runlocal_config(name: str, steps: int, checkpoint_every: int, log_every: int, **overrides):
   """configs/<name>.py:runlocal, ``steps`` long, no final k-NN; overrides like 'moma.mask_ratio'."""
@@ -12,10 +14,4 @@ def runlocal_config(name: str, steps: int, checkpoint_every: int, log_every: int
   c.log_every = log_every
   c.checkpoint_every = checkpoint_every
   c.evaluators.knn.at_end = False
-  for key, value in overrides.items():
-    node = c
-    *path, leaf = key.split('.')
-    for p in path:
-      node = node[p]
-    node[leaf] = value
-  return c
+  return common.override(c, overrides)

@@ -29,7 +29,10 @@ LN_EPS = 1e-6
 
 # width, depth, heads. MLP ratio is 4 for every variant.
 _VARIANTS: dict[str, tuple[int, int, int]] = {
-  'mu': (64, 2, 2),  # tiny test variant
+  # Tiny variants for the embedded 32 px dataset (smaller -> larger, as S -> B -> L).
+  'pico': (32, 2, 2),
+  'mu': (64, 2, 2),
+  'milli': (128, 4, 4),
   'Ti': (192, 12, 3),
   'S': (384, 12, 6),  # DeiT / timm ViT-S. MoCo v3's vit_small has 12 heads: use 'S12/16'.
   'S12': (384, 12, 12),
@@ -56,7 +59,7 @@ class ViTSpec:
 def decode_variant(variant: str) -> ViTSpec:
   """Decodes 'B/16', 'S12/16', 'H/14', 'mu/4', ... into a :class:`ViTSpec`.
 
-  The part before '/' names the size (one of mu, Ti, S, S12, B, L, H), the part after is the patch
+  The part before '/' names the size (one of pico, mu, milli, Ti, S, S12, B, L, H), the part after is the patch
   size in pixels.
   """
   m = re.fullmatch(r'([A-Za-z]+\d*)/(\d+)', variant)

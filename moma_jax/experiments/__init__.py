@@ -1,0 +1,1 @@
+"""Experiments built on the trainer: the shipped tiny teachers and the small-scale replication."""

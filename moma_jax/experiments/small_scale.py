@@ -1,0 +1,345 @@
+r"""Offline small-scale replication of the MOMA paper's ablations on the embedded digits_m dataset.
+
+  python -m moma_jax.experiments.small_scale --workdir=/tmp/small_scale       # ~50 min, 2 CPU cores
+  python -m moma_jax.experiments.small_scale --workdir=/tmp/ss --tables t2 --seeds 1 --steps 20
+
+Every run is a ``main.py`` job (the configs' ``:runlocal`` recipe: batch 64, AdamW, the same fixed
+step budget for every row) on the shipped tiny teachers (``teachers/``, loaded through
+``convert/``), followed by the same evaluation for every encoder, teachers included:
+features = [CLS, mean of patch tokens] after the final norm on the full 32 px image, then
+  k-NN   k = 20, T = 0.07, cosine (DINO's protocol), train split as the memory bank;
+  linear logistic regression (scikit-learn, standardised features, C = 1, the same for every row);
+both scored on the held-out test split (720 images of digits never seen in training).
+
+Tables (analogues of the paper's; sizes pico < mu < milli play S < B < L):
+  t2  MoCo -> MAE, MAE -> MoCo, Multi (random student), MAE from scratch for the same budget (no
+      teacher), and the teachers themselves.
+  t3  MAE teachers {milli, mu} -> pre-trained MoCo v3 students {mu, pico}.
+  t4  MoCo -> MAE at mask ratio 75, 80, 85, 90, 95 %.
+  abl the MoCo teacher without the strong-augmentation student view; masking the teacher.
+The command is resumable: finished runs are read back from WORKDIR/results.json. It writes
+WORKDIR/results.md, results.json and the PNG plots (loss curves, accuracy vs mask ratio).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import json
+import os
+import platform
+import statistics
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from moma_jax.experiments import teachers
+
+STEPS = 600  # per run; every row gets the same budget
+TABLES = ('t2', 't3', 't4', 'abl')
+MASK_RATIOS = (0.75, 0.8, 0.85, 0.9, 0.95)
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  key: str  # unique, also the run directory
+  config: str  # module under configs/ ('' for an evaluation-only row)
+  overrides: tuple[tuple[str, Any], ...] = ()
+  teacher: str = ''  # evaluation-only rows: the shipped teacher to evaluate
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+  table: str
+  label: str
+  run: Run
+
+
+def plan(tables: tuple[str, ...], mask_ratios: tuple[float, ...] = MASK_RATIOS) -> list[Row]:
+  """The table rows; a run shared by several tables (MoCo -> MAE at 90%) is trained once."""
+  T = teachers.path  # noqa: N806
+  moco_to_mae = Run('moco_to_mae', 'moco_to_mae')
+  mae_to_moco = Run('mae_to_moco', 'mae_to_moco')
+  rows = []
+  if 't2' in tables:
+    rows += [
+      Row('t2', 'teacher: MoCo v3 mu (no distillation)', Run('teacher_mocov3_mu', '', teacher='mocov3_mu')),
+      Row('t2', 'teacher: MAE mu (no distillation)', Run('teacher_mae_mu', '', teacher='mae_mu')),
+      Row('t2', 'MoCo -> MAE (pre-trained MAE mu student)', moco_to_mae),
+      Row('t2', 'MAE -> MoCo (pre-trained MoCo v3 mu student)', mae_to_moco),
+      Row('t2', 'Multi: MoCo + MAE -> random mu student', Run('multi', 'multi_teacher')),
+      Row('t2', 'MAE from scratch, same budget, no teacher', Run('mae_scratch', 'mae_pretrain')),
+    ]  # fmt: skip
+  if 't3' in tables:
+    for t_name, t_label in (('mae_milli', 'milli'), ('mae_mu', 'mu')):
+      for s_name, s_label in (('mocov3_mu', 'mu'), ('mocov3_pico', 'pico')):
+        run = mae_to_moco
+        if (t_name, s_name) != ('mae_mu', 'mocov3_mu'):
+          variant = teachers.RECIPES[t_name].variant
+          run = Run(f'mae_{t_label}_to_moco_{s_label}', 'mae_to_moco',
+                    (('teachers.mae.checkpoint', T(t_name)), ('teachers.mae.variant', variant),
+                     ('student.checkpoint', T(s_name))))  # fmt: skip
+        rows.append(Row('t3', f'MAE {t_label} -> MoCo v3 {s_label}', run))
+  if 't4' in tables:
+    for r in sorted(mask_ratios):
+      run = moco_to_mae
+      if r != 0.9:
+        run = Run(f'moco_to_mae_mask{round(100 * r)}', 'moco_to_mae', (('moma.mask_ratio', r),))
+      rows.append(Row('t4', f'mask {100 * r:.0f}%', run))
+  if 'abl' in tables:
+    rows += [
+      Row('abl', 'MoCo -> MAE (student also gets the strong view)', moco_to_mae),
+      Row('abl', 'no strong-augmentation view for the MoCo teacher',
+          Run('moco_to_mae_no_strong', 'moco_to_mae', (('teachers.moco.student_view', 'masked'),))),
+      Row('abl', 'teacher masked too (sees only the visible patches)',
+          Run('moco_to_mae_masked_teacher', 'moco_to_mae', (('moma.mask_teacher', True),))),
+    ]  # fmt: skip
+  return rows
+
+
+def unique_runs(rows: list[Row]) -> list[Run]:
+  return list({row.run.key: row.run for row in rows}.values())
+
+
+def make_config(run: Run, seed: int, steps: int):
+  from configs import common
+
+  c = importlib.import_module(f'configs.{run.config}').get_config('runlocal')
+  common.override(c, run.overrides)
+  c.seed = seed
+  c.num_train_steps = steps
+  c.checkpoint_every = steps
+  c.log_every = max(1, steps // 30)
+  c.evaluators.knn.at_end = False  # every encoder gets the same evaluation below instead
+  return c
+
+
+# --- evaluation ------------------------------------------------------------------------------------
+
+
+def token_features(model, variables, images: np.ndarray, batch: int = 512) -> np.ndarray:
+  """[CLS, mean of patch tokens] after the final norm, [N, 2D] float32."""
+  from moma_jax.data.mixing import normalize
+
+  @jax.jit
+  def fn(x):
+    tokens, _ = model.apply(variables, normalize(x))
+    return jnp.concatenate([tokens[:, 0], tokens[:, 1:].mean(1)], -1).astype(jnp.float32)
+
+  return np.concatenate(
+    [np.asarray(fn(images[i : i + batch])) for i in range(0, len(images), batch)]
+  )
+
+
+def probe(train_f, train_y, test_f, test_y) -> dict[str, float]:
+  """k-NN and linear-probe top-1 on the test split."""
+  from sklearn.linear_model import LogisticRegression
+  from sklearn.preprocessing import StandardScaler
+
+  from moma_jax.evaluators.knn import knn_predict
+
+  scores = knn_predict(train_f, train_y, test_f, num_classes=int(train_y.max()) + 1)
+  scaler = StandardScaler().fit(train_f)
+  clf = LogisticRegression(C=1.0, max_iter=2000).fit(scaler.transform(train_f), train_y)
+  return {
+    'knn': float((scores.argmax(1) == test_y).mean()),
+    'linear': float(clf.score(scaler.transform(test_f), test_y)),
+  }
+
+
+def evaluate_checkpoint(path: str) -> dict[str, float]:
+  from moma_jax.builders import load_checkpoint
+  from moma_jax.data import embedded
+
+  loaded = load_checkpoint(path)
+  (tr_x, tr_y), (te_x, te_y) = embedded.load('train'), embedded.load('test')
+  feats = [token_features(loaded.model, loaded.params, x) for x in (tr_x, te_x)]
+  return probe(feats[0], tr_y, feats[1], te_y)
+
+
+def raw_pixels() -> dict[str, float]:
+  from moma_jax.data import embedded
+
+  (tr_x, tr_y), (te_x, te_y) = embedded.load('train'), embedded.load('test')
+  flat = lambda x: x.reshape(len(x), -1).astype(np.float32)  # noqa: E731
+  return probe(flat(tr_x), tr_y, flat(te_x), te_y)
+
+
+def execute(run: Run, seed: int, steps: int, workdir: str) -> dict[str, Any]:
+  """Trains (or resumes) one run and evaluates its exported encoder."""
+  from moma_jax import train
+
+  t0 = time.time()
+  if not run.config:
+    result = evaluate_checkpoint(teachers.path(run.teacher))
+    result.update(wall_s=time.time() - t0, history=[])
+    return result
+  rundir = os.path.join(workdir, 'runs', run.key, f'seed{seed}')
+  train.train_and_evaluate(make_config(run, seed, steps), rundir)
+  result = evaluate_checkpoint(os.path.join(rundir, 'export', 'model'))
+  with open(os.path.join(rundir, 'final_metrics.json')) as f:
+    history = [(h['step'], h['loss']) for h in json.load(f)['history']]
+  result.update(wall_s=time.time() - t0, history=history)
+  return result
+
+
+# --- report ----------------------------------------------------------------------------------------
+
+
+def summary(values: list[float]) -> str:
+  pct = [100 * v for v in values]
+  if len(pct) == 1:
+    return f'{pct[0]:.1f}'
+  return f'{statistics.mean(pct):.1f} ± {statistics.stdev(pct):.1f}'
+
+
+TITLES = {
+  't2': 'Table 2 analogue: teachers and settings (mu/4 models)',
+  't3': 'Table 3 analogue: teacher size -> student size (MAE teachers, pre-trained MoCo v3 students)',
+  't4': 'Table 4 analogue: mask ratio (MoCo -> MAE)',
+  'abl': 'Ablations (MoCo -> MAE)',
+}
+
+
+def report(rows: list[Row], results: dict, floor: dict, env: dict) -> str:
+  lines = [
+    '<!-- written by python -m moma_jax.experiments.small_scale -->',
+    f'Command: `{env["command"]}`  ',
+    f'{env["steps"]} steps x batch 64 per training run; jax {env["jax"]}, {env["machine"]}; '
+    f'total wall time {env["total_min"]:.1f} min.',
+    '',
+    f'Raw-pixel floor: k-NN {100 * floor["knn"]:.1f}%, linear {100 * floor["linear"]:.1f}%. '
+    'Cells: mean ± sample std over seeds, top-1 % on the 720 test images.',
+  ]
+  for table in TABLES:
+    t_rows = [r for r in rows if r.table == table and results.get(r.run.key)]
+    if not t_rows:
+      continue
+    lines += ['', f'### {TITLES[table]}', '',
+              '| run | seeds | k-NN top-1 % | linear top-1 % | wall s / run |', '|---|---|---|---|---|']  # fmt: skip
+    for row in t_rows:
+      res = results[row.run.key]
+      per_seed = [res[s] for s in sorted(res)]
+      knn = [r['knn'] for r in per_seed]
+      lin = [r['linear'] for r in per_seed]
+      wall = statistics.mean(r['wall_s'] for r in per_seed)
+      lines.append(
+        f'| {row.label} | {len(per_seed)} | {summary(knn)} | {summary(lin)} | {wall:.0f} |'
+      )
+  return '\n'.join(lines) + '\n'
+
+
+def plots(rows: list[Row], results: dict, out: str) -> list[str]:
+  import matplotlib
+
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+
+  paths = []
+  curves = {}  # run key -> label, the training runs of t2 and the ablations
+  for row in rows:
+    if row.run.config and row.table in ('t2', 'abl') and results.get(row.run.key):
+      curves.setdefault(row.run.key, row.label)
+  if curves:
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for c, (key, label) in enumerate(curves.items()):
+      for i, (_, res) in enumerate(sorted(results[key].items())):
+        if res['history']:
+          steps, loss = zip(*res['history'], strict=True)
+          ax.plot(steps, loss, color=f'C{c}', alpha=0.8, label=label if i == 0 else None)
+    ax.set_yscale('log')
+    ax.set(xlabel='step', ylabel='training loss', title='loss curves (every seed)')
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    paths.append(os.path.join(out, 'loss_curves.png'))
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+  mask_runs = [row.run for row in rows if row.table == 't4']
+  if len(mask_runs) > 1:
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ratios = [dict(r.overrides).get('moma.mask_ratio', 0.9) for r in mask_runs]
+    for metric, marker in (('knn', 'o'), ('linear', 's')):
+      means, stds = [], []
+      for r in mask_runs:
+        vals = [100 * v[metric] for v in results.get(r.key, {}).values()]
+        means.append(np.mean(vals) if vals else np.nan)
+        stds.append(np.std(vals, ddof=1) if len(vals) > 1 else 0.0)
+      ax.errorbar(
+        [100 * x for x in ratios], means, yerr=stds, marker=marker, capsize=3, label=metric
+      )
+    ax.set(xlabel='mask ratio %', ylabel='top-1 %', title='MoCo -> MAE: accuracy vs mask ratio')
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    paths.append(os.path.join(out, 'mask_ratio.png'))
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+  return paths
+
+
+def main(argv: list[str] | None = None) -> dict:
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+  p.add_argument('--workdir', required=True)
+  p.add_argument('--tables', nargs='+', choices=TABLES, default=list(TABLES))
+  p.add_argument('--seeds', type=int, default=3, help='seeds per training run')
+  p.add_argument('--steps', type=int, default=STEPS, help='training steps per run')
+  p.add_argument('--mask-ratios', type=float, nargs='+', default=list(MASK_RATIOS), help='t4 rows')
+  a = p.parse_args(argv)
+  missing = [n for n in teachers.RECIPES if not os.path.isfile(teachers.path(n))]
+  if missing:
+    raise SystemExit(
+      f'error: shipped teachers missing: {", ".join(teachers.path(n) for n in missing)}; '
+      'run python -m moma_jax.experiments.teachers'
+    )
+  os.makedirs(a.workdir, exist_ok=True)
+  rows = plan(tuple(a.tables), tuple(a.mask_ratios))
+  res_path = os.path.join(a.workdir, 'results.json')
+  state = {'steps': a.steps, 'results': {}}
+  if os.path.exists(res_path):
+    with open(res_path) as f:
+      state = json.load(f)
+    if state['steps'] != a.steps:
+      raise SystemExit(
+        f'error: {res_path} holds {state["steps"]}-step runs, not {a.steps}; use another --workdir'
+      )
+  results = state['results']
+  t_start = time.time()
+  for run in unique_runs(rows):
+    for seed in range(a.seeds if run.config else 1):
+      if str(seed) in results.get(run.key, {}):
+        continue
+      print(f'[{time.time() - t_start:6.0f}s] {run.key} seed {seed}', flush=True)
+      res = execute(run, seed, a.steps, a.workdir)
+      results.setdefault(run.key, {})[str(seed)] = res
+      print(f'  k-NN {100 * res["knn"]:.1f}%  linear {100 * res["linear"]:.1f}%  '
+            f'({res["wall_s"]:.0f}s)', flush=True)  # fmt: skip
+      with open(res_path + '.tmp', 'w') as f:
+        json.dump(state, f)
+      os.replace(res_path + '.tmp', res_path)
+  state.setdefault('floor', raw_pixels())
+  total = sum(res['wall_s'] for per in results.values() for res in per.values())
+  env = {
+    'command': 'python -m moma_jax.experiments.small_scale --workdir=DIR '
+    + ' '.join(f'--{k.replace("_", "-")} {" ".join(map(str, v)) if isinstance(v, list) else v}'
+               for k, v in vars(a).items() if k != 'workdir'),
+    'steps': a.steps, 'jax': jax.__version__,
+    'machine': f'{platform.machine()}, {os.cpu_count()} cores', 'total_min': total / 60,
+  }  # fmt: skip
+  text = report(rows, results, state['floor'], env)
+  with open(os.path.join(a.workdir, 'results.md'), 'w') as f:
+    f.write(text)
+  with open(res_path, 'w') as f:
+    json.dump(state, f)
+  paths = plots(rows, results, a.workdir)
+  print(text)
+  print('wrote', os.path.join(a.workdir, 'results.md'), *paths)
+  return state
+
+
+if __name__ == '__main__':
+  main()
