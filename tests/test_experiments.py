@@ -81,7 +81,7 @@ def test_small_scale_replication_ci_size(tmp_path):
   """One seed, a few steps: every table row is produced and well-formed, plots are written, and
   a second invocation resumes from results.json without training again."""
   args = ['--workdir', str(tmp_path), '--tables', 't2', 't4', '--seeds', '1', '--steps', '6',
-          '--mask-ratios', '0.9', '0.75']  # fmt: skip
+          '--mask-ratios', '0.9', '0.75', '--no-floor']  # fmt: skip
   state = small_scale.main(args)
   rows = small_scale.plan(('t2', 't4'), (0.9, 0.75))
   keys = {r.run.key for r in rows}
@@ -107,3 +107,13 @@ def test_small_scale_replication_ci_size(tmp_path):
   before = json.loads((tmp_path / 'results.json').read_text())
   again = small_scale.main(args)  # resumes: nothing left to train
   assert again['results'] == before['results']
+
+
+def test_random_teacher_is_still_available_and_said_in_capitals():
+  from configs import moco_to_mae
+  from moma_jax import builders
+
+  c = moco_to_mae.get_config('runlocal,teacher=random')
+  _, _, student, notes = builders.build_moma(c)
+  assert student is not None  # the shipped MAE student, converted from its .pth
+  assert any('RANDOMLY INITIALISED' in n for n in notes), notes

@@ -67,14 +67,20 @@ def plan(tables: tuple[str, ...], mask_ratios: tuple[float, ...] = MASK_RATIOS) 
   rows = []
   if 't2' in tables:
     rows += [
-      Row('t2', 'teacher: MoCo v3 mu (no distillation)', Run('teacher_mocov3_mu', '', teacher='mocov3_mu')),
-      Row('t2', 'teacher: MAE mu (no distillation)', Run('teacher_mae_mu', '', teacher='mae_mu')),
+      Row('t2', 'MoCo v3 mu: teacher of MoCo -> MAE, start of MAE -> MoCo', _shipped('mocov3_mu')),
+      Row('t2', 'MAE mu: teacher of MAE -> MoCo, start of MoCo -> MAE', _shipped('mae_mu')),
       Row('t2', 'MoCo -> MAE (pre-trained MAE mu student)', moco_to_mae),
       Row('t2', 'MAE -> MoCo (pre-trained MoCo v3 mu student)', mae_to_moco),
       Row('t2', 'Multi: MoCo + MAE -> random mu student', Run('multi', 'multi_teacher')),
       Row('t2', 'MAE from scratch, same budget, no teacher', Run('mae_scratch', 'mae_pretrain')),
     ]  # fmt: skip
   if 't3' in tables:
+    rows += [
+      Row('t3', 'MAE milli teacher (no distillation)', _shipped('mae_milli')),
+      Row('t3', 'MAE mu teacher (no distillation)', _shipped('mae_mu')),
+      Row('t3', 'MoCo v3 mu student before distillation', _shipped('mocov3_mu')),
+      Row('t3', 'MoCo v3 pico student before distillation', _shipped('mocov3_pico')),
+    ]
     for t_name, t_label in (('mae_milli', 'milli'), ('mae_mu', 'mu')):
       for s_name, s_label in (('mocov3_mu', 'mu'), ('mocov3_pico', 'pico')):
         run = mae_to_moco
@@ -99,6 +105,11 @@ def plan(tables: tuple[str, ...], mask_ratios: tuple[float, ...] = MASK_RATIOS) 
           Run('moco_to_mae_masked_teacher', 'moco_to_mae', (('moma.mask_teacher', True),))),
     ]  # fmt: skip
   return rows
+
+
+def _shipped(name: str) -> Run:
+  """An evaluation-only row: a shipped teacher file as it is."""
+  return Run(f'teacher_{name}', '', teacher=name)
 
 
 def unique_runs(rows: list[Row]) -> list[Run]:
@@ -205,15 +216,19 @@ TITLES = {
 }
 
 
-def report(rows: list[Row], results: dict, floor: dict, env: dict) -> str:
+def report(rows: list[Row], results: dict, floor: dict | None, env: dict) -> str:
   lines = [
     '<!-- written by python -m moma_jax.experiments.small_scale -->',
     f'Command: `{env["command"]}`  ',
     f'{env["steps"]} steps x batch 64 per training run; jax {env["jax"]}, {env["machine"]}; '
     f'total wall time {env["total_min"]:.1f} min.',
     '',
-    f'Raw-pixel floor: k-NN {100 * floor["knn"]:.1f}%, linear {100 * floor["linear"]:.1f}%. '
-    'Cells: mean ± sample std over seeds, top-1 % on the 720 test images.',
+    (
+      f'Raw-pixel floor: k-NN {100 * floor["knn"]:.1f}%, linear {100 * floor["linear"]:.1f}%. '
+      if floor
+      else 'Raw-pixel floor: not computed (--no-floor). '
+    )
+    + 'Cells: mean ± sample std over seeds, top-1 % on the 720 test images.',
   ]
   for table in TABLES:
     t_rows = [r for r in rows if r.table == table and results.get(r.run.key)]
@@ -288,6 +303,7 @@ def main(argv: list[str] | None = None) -> dict:
   p.add_argument('--tables', nargs='+', choices=TABLES, default=list(TABLES))
   p.add_argument('--seeds', type=int, default=3, help='seeds per training run')
   p.add_argument('--steps', type=int, default=STEPS, help='training steps per run')
+  p.add_argument('--no-floor', action='store_true', help='skip the raw-pixel floor (~1 min)')
   p.add_argument('--mask-ratios', type=float, nargs='+', default=list(MASK_RATIOS), help='t4 rows')
   a = p.parse_args(argv)
   missing = [n for n in teachers.RECIPES if not os.path.isfile(teachers.path(n))]
@@ -321,16 +337,18 @@ def main(argv: list[str] | None = None) -> dict:
       with open(res_path + '.tmp', 'w') as f:
         json.dump(state, f)
       os.replace(res_path + '.tmp', res_path)
-  state.setdefault('floor', raw_pixels())
+  if not a.no_floor:
+    state.setdefault('floor', raw_pixels())
   total = sum(res['wall_s'] for per in results.values() for res in per.values())
   env = {
     'command': 'python -m moma_jax.experiments.small_scale --workdir=DIR '
     + ' '.join(f'--{k.replace("_", "-")} {" ".join(map(str, v)) if isinstance(v, list) else v}'
-               for k, v in vars(a).items() if k != 'workdir'),
+               for k, v in vars(a).items() if k not in ('workdir', 'no_floor'))
+    + (' --no-floor' if a.no_floor else ''),
     'steps': a.steps, 'jax': jax.__version__,
     'machine': f'{platform.machine()}, {os.cpu_count()} cores', 'total_min': total / 60,
   }  # fmt: skip
-  text = report(rows, results, state['floor'], env)
+  text = report(rows, results, state.get('floor'), env)
   with open(os.path.join(a.workdir, 'results.md'), 'w') as f:
     f.write(text)
   with open(res_path, 'w') as f:
