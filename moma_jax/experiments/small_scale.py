@@ -1,6 +1,6 @@
 r"""Offline small-scale replication of the MOMA paper's ablations on the embedded digits_m dataset.
 
-  python -m moma_jax.experiments.small_scale --workdir=/tmp/small_scale       # ~50 min, 2 CPU cores
+  python -m moma_jax.experiments.small_scale --workdir=/tmp/small_scale       # ~20 min, 2 CPU cores
   python -m moma_jax.experiments.small_scale --workdir=/tmp/ss --tables t2 --seeds 1 --steps 20
 
 Every run is a ``main.py`` job (the configs' ``:runlocal`` recipe: batch 64, AdamW, the same fixed

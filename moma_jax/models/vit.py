@@ -59,8 +59,8 @@ class ViTSpec:
 def decode_variant(variant: str) -> ViTSpec:
   """Decodes 'B/16', 'S12/16', 'H/14', 'mu/4', ... into a :class:`ViTSpec`.
 
-  The part before '/' names the size (one of pico, mu, milli, Ti, S, S12, B, L, H), the part after is the patch
-  size in pixels.
+  The part before '/' names the size (one of pico, mu, milli, Ti, S, S12, B, L, H), the part after
+  is the patch size in pixels.
   """
   m = re.fullmatch(r'([A-Za-z]+\d*)/(\d+)', variant)
   if not m or m.group(1) not in _VARIANTS:
