@@ -17,5 +17,8 @@ def get_config(arg: str | None = None):
   c.num_epochs = 100.0
   if args.runlocal:
     common.runlocal_pretrain(c)
-    c.dmae.update(teacher_variant='mu/4', teacher_block=2, student_block=1)
+    # The shipped tiny MAE milli/4 (4 blocks) plays the paper's MAE ViT-L: its block 3 of 4
+    # (18 of 24) -> the mu/4 student's block 1 of 2 (9 of 12). teacher=random for a random one.
+    c.dmae.update(teacher=common.shipped(args.teacher, 'mae_milli'), teacher_variant='milli/4',
+                  teacher_block=3, student_block=1)  # fmt: skip
   return c

@@ -284,12 +284,16 @@ def save(obj: Any, path: str | os.PathLike) -> None:
   tmp = f'{path}.tmp-{os.getpid()}'
   try:
     with zipfile.ZipFile(tmp, 'w', compression=zipfile.ZIP_STORED) as zf:
-      zf.writestr(f'{name}/data.pkl', w.out.getvalue())
-      zf.writestr(f'{name}/byteorder', 'little')
+
+      def put(member: str, data) -> None:
+        # A fixed timestamp: the same tensors always give the same bytes (reproducible sha256).
+        zf.writestr(zipfile.ZipInfo(f'{name}/{member}', date_time=(1980, 1, 1, 0, 0, 0)), data)
+
+      put('data.pkl', w.out.getvalue())
+      put('byteorder', 'little')
       for key, a in enumerate(w.storages):
-        data = a.astype(a.dtype.newbyteorder('<'), copy=False).tobytes()
-        zf.writestr(f'{name}/data/{key}', data)
-      zf.writestr(f'{name}/version', '3\n')
+        put(f'data/{key}', a.astype(a.dtype.newbyteorder('<'), copy=False).tobytes())
+      put('version', '3\n')
     os.replace(tmp, path)
   finally:
     if os.path.exists(tmp):

@@ -56,13 +56,14 @@ def test_shipped_teacher_converts_and_matches_the_torch_file(name):
 
 
 def test_runlocal_configs_default_to_the_shipped_teachers():
-  from configs import mae_to_moco, moco_to_mae, multi_teacher
+  from configs import dmae, mae_to_moco, moco_to_mae, multi_teacher
 
   c = moco_to_mae.get_config('runlocal')
   assert c.teachers.moco.checkpoint == teachers.path('mocov3_mu')
   assert c.student.checkpoint == teachers.path('mae_mu')
   c = mae_to_moco.get_config('runlocal')
   assert c.teachers.mae.checkpoint == teachers.path('mae_mu')
+  assert dmae.get_config('runlocal').dmae.teacher == teachers.path('mae_milli')
   c = multi_teacher.get_config('runlocal,mae=random')
   assert c.teachers.mae.checkpoint == '' and c.teachers.moco.checkpoint == teachers.path(
     'mocov3_mu'
