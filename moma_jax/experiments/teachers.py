@@ -4,12 +4,12 @@ Each is pre-trained on the embedded digits_m dataset (32 px, patch 4) with the p
 ``configs/mae_pretrain.py`` / ``configs/mocov3_pretrain.py`` (runlocal recipe, longer), exported by
 the trainer in the official PyTorch format (MAE ``{'model': ...}`` with the decoder, MoCo v3
 ``.pth.tar`` with momentum encoder and heads), and loaded back through ``convert/`` like any
-released checkpoint. Regenerate all of them (about 15 minutes on 2 CPU cores) with
+released checkpoint. Regenerate all of them (about 13 minutes on 2 CPU cores) with
 
   python -m moma_jax.experiments.teachers --out teachers
 
-which also rewrites ``teachers/SHA256SUMS``. XLA on CPU is deterministic on one machine; another
-CPU may produce slightly different bits (and hashes) from the same command.
+which also rewrites ``teachers/SHA256SUMS``. On the machine that made them the command reproduces the
+files bit for bit; another CPU model may give slightly different bits (and hashes).
 """
 
 from __future__ import annotations
