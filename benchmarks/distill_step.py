@@ -78,8 +78,6 @@ SUITES = {
 class JaxStep:
   """The trainer's jitted MOMA step on a fixed device-resident batch."""
 
-  name = 'jax'
-
   def __init__(self, pair, batch, mask_ratio, dtype, attention, image_size=224, seed=0):
     tv, sv = PAIRS[pair]
 
@@ -129,7 +127,6 @@ class TorchStep:
     import torch_moma
 
     self.torch = torch
-    self.name = 'torch.compile' if compile else 'torch'
     torch.manual_seed(seed)
     dev = 'cuda' if torch.cuda.is_available() else 'cpu'
     self.cuda = dev == 'cuda'
