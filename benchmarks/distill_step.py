@@ -79,16 +79,8 @@ class JaxStep:
   """The trainer's jitted MOMA step on a fixed device-resident batch."""
 
   def __init__(self, pair, batch, mask_ratio, dtype, attention, image_size=224, seed=0):
-    tv, sv = PAIRS[pair]
-
-    def vit(variant):
-      return ViT(
-        **decode_variant(variant).kwargs(), image_size=image_size, dtype=dtype,
-        attention_impl=attention,
-      )  # fmt: skip
-
-    teacher, student = vit(tv), vit(sv)
-    self.objective = Moma(student=student, teachers={'t': Teacher(teacher)}, mask_ratio=mask_ratio)
+    self.objective = moma_objective(pair, mask_ratio, dtype, attention, image_size)
+    teacher = self.objective.teachers['t'].model
     mesh = sharding.make_mesh({'data': -1})
     lr = 1e-4  # constant: the schedule does not change the cost of a step
     tx = optim.adamw(lr, b2=0.999, weight_decay=0.05, frozen=self.objective.frozen_pattern)
@@ -177,7 +169,7 @@ def benchmark(frameworks, pair, batch, mask, args) -> dict:
       t0 = time.perf_counter()
       runners[fw].run(args.steps)
       rates[fw].append(batch * args.steps / (time.perf_counter() - t0))
-  fpe = flops_per_example(pair, mask)
+  fpe = moma_objective(pair, mask).flops_per_example()
   row = {'pair': pair, 'batch': batch, 'mask': mask, 'results': {}}
   peak = flops.peak_flops(jax.devices()[0].device_kind)
   for fw in frameworks:
@@ -200,12 +192,17 @@ def benchmark(frameworks, pair, batch, mask, args) -> dict:
   return row
 
 
-def flops_per_example(pair: str, mask: float, image_size: int = 224) -> float:
+def moma_objective(pair, mask_ratio, dtype=jnp.float32, attention=None, image_size=224) -> Moma:
+  """The benchmarked objective: one teacher, the student matched on the masked view."""
   tv, sv = PAIRS[pair]
-  vit = lambda v: ViT(**decode_variant(v).kwargs(), image_size=image_size)  # noqa: E731
-  return Moma(
-    student=vit(sv), teachers={'t': Teacher(vit(tv))}, mask_ratio=mask
-  ).flops_per_example()
+
+  def vit(variant):
+    return ViT(
+      **decode_variant(variant).kwargs(), image_size=image_size, dtype=dtype,
+      attention_impl=attention,
+    )  # fmt: skip
+
+  return Moma(student=vit(sv), teachers={'t': Teacher(vit(tv))}, mask_ratio=mask_ratio)
 
 
 def end_to_end(pair, batch, mask, args, seconds=30.0) -> dict:

@@ -55,6 +55,21 @@ def override(c: ml_collections.ConfigDict, items) -> ml_collections.ConfigDict:
   return c
 
 
+def shortened_runlocal(
+  name: str, steps: int, *, checkpoint_every: int, log_every: int, overrides=()
+) -> ml_collections.ConfigDict:
+  """configs/<name>.py:runlocal, ``steps`` long, without the final k-NN (the caller evaluates, or
+  does not), then dotted-key ``overrides``: for tests and experiments built on runlocal runs."""
+  import importlib
+
+  c = importlib.import_module(f'configs.{name}').get_config('runlocal')
+  c.num_train_steps = steps
+  c.log_every = log_every
+  c.checkpoint_every = checkpoint_every
+  c.evaluators.knn.at_end = False
+  return override(c, overrides)
+
+
 def shipped(arg: str, name: str) -> str:
   """runlocal checkpoints: ``arg`` if given, '' for 'random', else the shipped tiny teacher ``name``
   (teachers/, see moma_jax/experiments/teachers.py)."""

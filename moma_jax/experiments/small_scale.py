@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
 import json
 import os
 import platform
@@ -117,15 +116,15 @@ def unique_runs(rows: list[Row]) -> list[Run]:
 
 
 def make_config(run: Run, seed: int, steps: int):
+  """The run's runlocal config at ``steps``; its own k-NN is off: every encoder gets the same
+  evaluation below instead."""
   from configs import common
 
-  c = importlib.import_module(f'configs.{run.config}').get_config('runlocal')
-  common.override(c, run.overrides)
+  c = common.shortened_runlocal(
+    run.config, steps, checkpoint_every=steps, log_every=max(1, steps // 30),
+    overrides=run.overrides,
+  )  # fmt: skip
   c.seed = seed
-  c.num_train_steps = steps
-  c.checkpoint_every = steps
-  c.log_every = max(1, steps // 30)
-  c.evaluators.knn.at_end = False  # every encoder gets the same evaluation below instead
   return c
 
 
