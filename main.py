@@ -7,6 +7,7 @@ on every host). Re-running the same command in the same workdir resumes from its
 
 from __future__ import annotations
 
+import re
 import sys
 
 from absl import app, flags, logging
@@ -18,6 +19,33 @@ _DISTRIBUTED = flags.DEFINE_bool(
   'jax_distributed', False, 'call jax.distributed.initialize() (multi-host TPU / GPU clusters)'
 )
 flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def _usage_error(message: str) -> None:
+  """One line on stderr and exit code 2: what was wrong with the command line."""
+  print(f'error: {" ".join(message.split())}', file=sys.stderr)
+  sys.exit(2)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl flag parsing, with every command-line mistake (a misspelt --config key, a bad value, a
+  config argument get_config rejects) reported in one line instead of a traceback."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    lines = [line for line in str(e).splitlines() if line.strip()]
+    if len(lines) > 1 and 'Traceback' in str(e):  # get_config(arg) raised: keep its last line
+      flag = lines[0].split(': ')[0].removeprefix('flag ')
+      _usage_error(f'{flag}: {lines[-1].split(": ", 1)[-1]}')
+    _usage_error(str(e))
+  except (AttributeError, KeyError) as e:  # ml_collections: an override of a key that is not there
+    key = next((a.split('=')[0] for a in argv if a.startswith('--config.')), '--config.KEY')
+    hint = re.search(r'Did you mean "([^"]+)"', str(e))
+    suggestion = f' Did you mean "{hint.group(1)}"?' if hint else ''
+    _usage_error(
+      f'{key}: no such config key.{suggestion} (python main.py --config=FILE --helpfull lists them)'
+    )
+  return []
 
 
 def main(argv):
@@ -49,4 +77,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

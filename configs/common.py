@@ -5,10 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 # Paper defaults (REFERENCE section 1): ImageNet-1K 224px, mask 90%, batch 4096, AdamW blr
 # 1.5e-4 (lr = blr * batch / 256), wd 0.05, betas (0.9, 0.95), 100 epochs with 20 warm-up.
 IMAGENET = dict(name='imagenet2012', train_split='train', eval_split='validation')
+# Input statistics of a randomly initialised model; a checkpoint's own metadata always wins.
+NORM = dict(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
 
 
 def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
@@ -40,7 +43,7 @@ def teacher(checkpoint: str = '', variant: str = 'B/16', weight: float = 1.0,
   """A teacher entry: a converted checkpoint directory or an official PyTorch file (converted on
   the fly), or '' for a randomly initialised ``variant``."""
   return ml_collections.ConfigDict(
-    dict(checkpoint=checkpoint, variant=variant, weight=weight, student_view=student_view)
+    dict(checkpoint=checkpoint, variant=variant, weight=weight, student_view=student_view, **NORM)
   )
 
 
@@ -126,11 +129,13 @@ def base_config(name: str) -> ml_collections.ConfigDict:
   c.keep_checkpoints = 3
   c.skip_nonfinite = False  # True: drop (and count) updates with a non-finite loss / gradient
   c.force_resume = False  # True: resume a workdir even if its checkpoints' config differs
+  c.tensorboard = True  # TensorBoard event files in the workdir (written through TensorFlow)
   c.mesh = dict(data=-1, fsdp=1)  # FSDP: dict(data=1, fsdp=-1)
   c.sharding_rules = [('.*', 'fsdp')]  # no-op while the fsdp axis has size 1
   c.frozen_sharding_rules = [('.*', 'fsdp')]
   c.data = dict(
-    **IMAGENET, data_dir=None, manual_dir=None, image_size=224, shuffle_buffer=10_000,
+    # Typed placeholders (None until set) so --config.data.data_dir=gs://... can override them.
+    **IMAGENET, data_dir=placeholder(str), manual_dir=placeholder(str), image_size=224,
     eval_resize_ratio=256 / 224, views={},
   )  # fmt: skip
   return c
@@ -148,7 +153,7 @@ def moma_config(name: str, args: ml_collections.ConfigDict) -> ml_collections.Co
     strong=dict(size=224, scale=(0.2, 1.0), share_crop_with='teacher', jitter_prob=0.8,
                 grayscale_prob=0.2, blur_prob=1.0, solarize_prob=0.0),
   )  # fmt: skip
-  c.student = dict(checkpoint='', variant='B/16', dtype='float32', drop_path=0.0)
+  c.student = dict(checkpoint='', variant='B/16', dtype='float32', drop_path=0.0, **NORM)
   c.teachers = ml_collections.ConfigDict()
   c.teacher_dtype = 'float32'
   c.moma = dict(
@@ -172,7 +177,6 @@ def runlocal_data(c: ml_collections.ConfigDict) -> None:
   c.data.name = 'digits_m'
   c.data.train_split, c.data.eval_split = 'train', 'test'
   c.data.image_size = 32
-  c.data.shuffle_buffer = 6000
   c.data.eval_resize_ratio = 1.0
   for v in c.data.views.values():
     v.size = 32
@@ -210,6 +214,7 @@ def classification_config(name: str, args: ml_collections.ConfigDict) -> ml_coll
     mix_prob=1.0,
     switch_prob=0.5,
     erase_prob=0.25,
+    **NORM,
   )
   c.data.views = dict(image=dict(size=224, scale=(0.08, 1.0), randaugment=(2, 9.0)))
   c.evaluators = dict(
@@ -255,6 +260,7 @@ def pretrain_config(
     decoder_width=512,
     decoder_depth=8,
     decoder_heads=16,
+    **NORM,
   )
   c.mae = dict(mask_ratio=0.75, norm_pix=True)
   c.data.views = dict(image=dict(size=224, scale=(0.2, 1.0)))

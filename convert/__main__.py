@@ -10,11 +10,20 @@ MAE / timm naming (or a .safetensors file when DST ends with .safetensors).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from convert.errors import ConvertError
 from convert.formats import FORMATS
+
+
+def _triple(text: str) -> tuple[float, float, float]:
+  try:
+    values = tuple(float(v) for v in text.split(','))
+  except ValueError:
+    values = ()
+  if len(values) != 3:
+    raise argparse.ArgumentTypeError(f'{text!r}: three comma-separated numbers, e.g. 0.5,0.5,0.5')
+  return values
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -30,6 +39,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
   p.add_argument('--num-heads', type=int, help='attention heads (not visible in the weights)')
   p.add_argument('--image-size', type=int, help='resample position embeddings to this size')
   p.add_argument('--momentum', action='store_true', help='MoCo v3: keep the momentum encoder too')
+  p.add_argument(
+    '--mean', type=_triple, help='input mean the model was trained with, R,G,B (default ImageNet)'
+  )
+  p.add_argument(
+    '--std', type=_triple, help='input std, R,G,B (default ImageNet; 0.5,0.5,0.5: timm)'
+  )
   p.add_argument('--overwrite', action='store_true', help='replace an existing destination')
   return p.parse_args(argv)
 
@@ -38,9 +53,10 @@ def main(argv: list[str] | None = None) -> int:
   args = parse_args(argv)
   # Imported here so that --help and argument errors do not pay for importing JAX.
   from convert import convert
+  from moma_jax import storage
 
   try:
-    if os.path.isdir(args.src):
+    if storage.Path(args.src).is_dir():
       fmt = args.format if args.format in convert.EXPORT_FORMATS else None
       if args.format and fmt is None:
         raise ConvertError(f'--format for export: one of {", ".join(convert.EXPORT_FORMATS)}')
@@ -56,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
         image_size=args.image_size,
         momentum=args.momentum,
         overwrite=args.overwrite,
+        mean=args.mean,
+        std=args.std,
       )
       for note in meta['notes']:
         print(f'note: {note}')

@@ -13,6 +13,7 @@ import numpy as np
 
 from convert import formats, layouts, torch_format
 from convert.errors import ConvertError
+from moma_jax import storage
 from moma_jax.models import posemb, pretrained, vit
 from moma_jax.models.pretrained import ComponentSpec
 
@@ -24,7 +25,7 @@ _REQUIRED_ENCODER_KEYS = ('cls_token', 'pos_embed', 'patch_embed.proj.weight')
 
 def sha256(path: str) -> str:
   h = hashlib.sha256()
-  with open(path, 'rb') as f:
+  with storage.Path(path).open('rb') as f:
     for chunk in iter(lambda: f.read(1 << 20), b''):
       h.update(chunk)
   return h.hexdigest()
@@ -213,16 +214,23 @@ def convert_checkpoint(
   image_size: int | None = None,
   momentum: bool = False,
   overwrite: bool = False,
+  mean: tuple[float, ...] | None = None,
+  std: tuple[float, ...] | None = None,
 ) -> dict[str, Any]:
   """Converts a PyTorch / safetensors checkpoint into a Flax checkpoint directory.
 
+  ``mean`` / ``std`` are the input statistics the model was trained with (default ImageNet's;
+  e.g. 0.5, 0.5, 0.5 for many timm / Google ViTs): recorded in the metadata, and every consumer
+  (trainer, k-NN) normalises this model's inputs with them.
+
   Returns the metadata written. Raises ConvertError (one line) on any bad input, before writing.
   """
-  dst = os.path.abspath(dst)
-  if os.path.exists(dst) and not overwrite:
+  dst = storage.resolve(dst)
+  if dst.exists() and not overwrite:
     raise ConvertError(f'{dst} already exists; pass --overwrite to replace it')
-  if os.path.abspath(src) == dst:
+  if storage.resolve(src) == dst:
     raise ConvertError('--src and --dst are the same path')
+  norm = pretrained.Normalization(mean or pretrained.IMAGENET_MEAN, std or pretrained.IMAGENET_STD)
   obj = formats.read_file(src)
   split = formats.split(obj, fmt)
   enc_state = dict(split.components['encoder'])
@@ -257,9 +265,9 @@ def convert_checkpoint(
       raise ConvertError(f'{src}: {e}') from None
   metadata = {
     'source': {
-      'file': os.path.basename(src),
+      'file': storage.Path(src).name,
       'sha256': sha256(src),
-      'bytes': os.path.getsize(src),
+      'bytes': storage.Path(src).stat().length,
       **split.info,
     },
     'format': split.format,
@@ -268,8 +276,7 @@ def convert_checkpoint(
     ),
     'patch_size': patch,
     'image_size': size,
-    'mean': list(pretrained.IMAGENET_MEAN),
-    'std': list(pretrained.IMAGENET_STD),
+    **norm.to_metadata(),
     'notes': notes,
     'converted_at': datetime.datetime.now(datetime.UTC).isoformat(timespec='seconds'),
   }
@@ -296,7 +303,7 @@ def export_checkpoint(
   (projector as its ``head``), ``module.momentum_encoder.`` and ``module.predictor.``.
   Both add ``'moma_jax': {'num_heads': H}``, so a re-import needs no --num-heads.
   """
-  if os.path.exists(dst) and not overwrite:
+  if storage.Path(dst).exists() and not overwrite:
     raise ConvertError(f'{dst} already exists; pass --overwrite to replace it')
   try:
     loaded = pretrained.load_pretrained(src_dir)
@@ -333,12 +340,11 @@ def export_checkpoint(
   state = torch_state(loaded.params)
   if 'decoder' in heads:
     state.update(torch_state(heads['decoder'].variables))
-  if dst.endswith('.safetensors'):
+  if os.fspath(dst).endswith('.safetensors'):
     from safetensors.numpy import save_file
 
-    tmp = f'{dst}.tmp-{os.getpid()}'
-    save_file(state, tmp)
-    os.replace(tmp, dst)
+    with storage.local_output(dst) as tmp:
+      save_file(state, tmp)
   else:
     torch_format.save({'model': state, 'moma_jax': ours}, dst)
   return list(state)

@@ -12,13 +12,13 @@ Every format yields a timm-named encoder state dict plus optional head state dic
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any
 
 import numpy as np
 
 from convert import torch_format
 from convert.errors import ConvertError
+from moma_jax import storage
 
 FORMATS = ('mae_pretrain', 'mae_full', 'mae_finetuned', 'mocov3', 'timm')
 StateDict = dict[str, np.ndarray]
@@ -43,16 +43,17 @@ class Split:
 
 def read_file(path: str) -> Any:
   """Reads a PyTorch zip checkpoint or a safetensors file, by content (not by file name)."""
-  if not os.path.isfile(path):
+  p = storage.Path(path)
+  if not p.is_file():
     raise ConvertError(f'no such checkpoint file: {path}')
-  with open(path, 'rb') as f:
+  with p.open('rb') as f:
     head = f.read(9)
   if len(head) == 9 and head[8:9] == b'{' and not head.startswith(b'PK'):
     from safetensors import SafetensorError
-    from safetensors.numpy import load_file
+    from safetensors.numpy import load, load_file
 
-    try:
-      return load_file(path)
+    try:  # local files are memory-mapped; remote ones read whole
+      return load(p.read_bytes()) if storage.is_remote(path) else load_file(path)
     except (SafetensorError, ValueError, OSError) as e:
       raise ConvertError(f'{path} is a corrupt safetensors file: {e}') from None
   return torch_format.load(path)

@@ -25,6 +25,7 @@ import ml_dtypes
 import numpy as np
 
 from convert.errors import ConvertError
+from moma_jax import storage
 
 # Storage class name -> numpy dtype.
 _STORAGE_DTYPES: dict[str, np.dtype] = {
@@ -145,14 +146,16 @@ def load(path: str | os.PathLike) -> Any:
 
   Raises ConvertError (one line) for a missing, truncated, corrupt, legacy-format or malicious file.
   """
-  path = os.fspath(path)
-  if not os.path.isfile(path):
+  path = storage.Path(path)
+  if not path.is_file():
     raise ConvertError(f'no such checkpoint file: {path}')
+  f = path.open('rb')  # seekable on local disks and object stores alike: zipfile reads members
   try:
-    zf = zipfile.ZipFile(path)
+    zf = zipfile.ZipFile(f)
   except (zipfile.BadZipFile, OSError) as e:
-    with open(path, 'rb') as f:
-      head = f.read(2)
+    f.seek(0)
+    head = f.read(2)
+    f.close()
     if head == b'\x80\x02':
       raise ConvertError(
         f'{path} is a legacy (pre-1.6) PyTorch file; re-save it with a recent torch: '
@@ -161,7 +164,7 @@ def load(path: str | os.PathLike) -> Any:
     raise ConvertError(
       f'{path} is not a readable PyTorch checkpoint (truncated or corrupt?): {e}'
     ) from None
-  with zf:
+  with f, zf:
     pkl_names = [n for n in zf.namelist() if n.endswith('data.pkl') and n.count('/') == 1]
     if len(pkl_names) != 1:
       raise ConvertError(f'{path} is a zip file but not a PyTorch checkpoint (no <name>/data.pkl)')
@@ -281,20 +284,14 @@ def save(obj: Any, path: str | os.PathLike) -> None:
   w.save(obj)
   w.op(pickle.STOP)
   name = 'archive'
-  tmp = f'{path}.tmp-{os.getpid()}'
-  try:
-    with zipfile.ZipFile(tmp, 'w', compression=zipfile.ZIP_STORED) as zf:
+  with storage.local_output(path) as tmp, zipfile.ZipFile(tmp, 'w', zipfile.ZIP_STORED) as zf:
 
-      def put(member: str, data) -> None:
-        # A fixed timestamp: the same tensors always give the same bytes (reproducible sha256).
-        zf.writestr(zipfile.ZipInfo(f'{name}/{member}', date_time=(1980, 1, 1, 0, 0, 0)), data)
+    def put(member: str, data) -> None:
+      # A fixed timestamp: the same tensors always give the same bytes (reproducible sha256).
+      zf.writestr(zipfile.ZipInfo(f'{name}/{member}', date_time=(1980, 1, 1, 0, 0, 0)), data)
 
-      put('data.pkl', w.out.getvalue())
-      put('byteorder', 'little')
-      for key, a in enumerate(w.storages):
-        put(f'data/{key}', a.astype(a.dtype.newbyteorder('<'), copy=False).tobytes())
-      put('version', '3\n')
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
+    put('data.pkl', w.out.getvalue())
+    put('byteorder', 'little')
+    for key, a in enumerate(w.storages):
+      put(f'data/{key}', a.astype(a.dtype.newbyteorder('<'), copy=False).tobytes())
+    put('version', '3\n')

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from moma_jax import storage
 from moma_jax.models import pretrained, vit
 from moma_jax.objectives.classification import Classification
 from moma_jax.objectives.moma import Moma, Teacher
@@ -32,17 +33,28 @@ def load_checkpoint(path: str, **overrides: Any) -> pretrained.Pretrained:
   """A converted checkpoint directory, or a PyTorch / safetensors file (MAE, MoCo v3, timm)
   converted on the fly through ``convert/`` into a temporary directory: the same path as
   ``python -m convert`` followed by loading its output."""
-  if not os.path.isfile(path) or not path.endswith(TORCH_SUFFIXES):
+  if not path.endswith(TORCH_SUFFIXES) or not storage.Path(path).is_file():
     return pretrained.load_pretrained(path, **overrides)
   from convert.convert import convert_checkpoint
   from convert.errors import ConvertError
 
+  # The converted copy is a local cache for this run; the source may be local or on gs://.
   with tempfile.TemporaryDirectory() as tmp:
     try:
       convert_checkpoint(path, os.path.join(tmp, 'converted'))
     except ConvertError as e:
       raise ValueError(str(e)) from e
     return pretrained.load_pretrained(os.path.join(tmp, 'converted'), **overrides)
+
+
+def input_norm(cfg: ml_collections.ConfigDict, loaded: pretrained.Pretrained | None = None):
+  """A model's input statistics: its checkpoint's, else the config's (mean / std, ImageNet's by
+  default) for a randomly initialised model."""
+  if loaded is not None:
+    return loaded.normalization
+  return pretrained.Normalization(
+    tuple(cfg.get('mean', pretrained.IMAGENET_MEAN)), tuple(cfg.get('std', pretrained.IMAGENET_STD))
+  )
 
 
 def _encoder(loaded: pretrained.Pretrained, what: str) -> vit.ViT:
@@ -85,10 +97,12 @@ def build_moma(config: ml_collections.ConfigDict) -> tuple[Moma, dict[str, Any],
     loaded = load_checkpoint(sc.checkpoint, dtype=dtype(sc.dtype), drop_path=sc.drop_path)
     student = _encoder(loaded, f'student checkpoint {sc.checkpoint}')
     student_params = loaded.params['params']
+    student_norm = input_norm(sc, loaded)
     notes.append(f'student: {sc.checkpoint} ({loaded.metadata.get("variant")})')
   else:
     student = _from_variant(sc.variant, size, sc.dtype, sc.drop_path)
     student_params = None
+    student_norm = input_norm(sc)
     notes.append(f'student: randomly initialised {sc.variant}')
   _check_size(student, size, 'the student')
   teachers, frozen = {}, {}
@@ -98,16 +112,18 @@ def build_moma(config: ml_collections.ConfigDict) -> tuple[Moma, dict[str, Any],
       model = _encoder(loaded, f'teacher {name} checkpoint {tc.checkpoint}')
       frozen[name] = loaded.params
       source = tc.checkpoint
+      norm = input_norm(tc, loaded)
       notes.append(f'teacher {name}: {source}, weight {tc.weight}, student view {tc.student_view}')
     else:
       key = jax.random.fold_in(jax.random.key(config.seed + 1), len(teachers))
       model, frozen[name] = _random_teacher(tc.variant, size, config.teacher_dtype, key)
       source = 'random'
+      norm = input_norm(tc)
       notes.append(
         f'teacher {name}: RANDOMLY INITIALISED {tc.variant} (no checkpoint given): this run '
         'exercises the code, it does not distil a real self-supervised teacher'
       )
-    teachers[name] = Teacher(model, tc.weight, tc.student_view, source)
+    teachers[name] = Teacher(model, tc.weight, tc.student_view, source, norm)
   m = config.moma
   objective = Moma(
     student=student,
@@ -119,6 +135,7 @@ def build_moma(config: ml_collections.ConfigDict) -> tuple[Moma, dict[str, Any],
     per_teacher_projector=m.per_teacher_projector,
     mask_teacher=m.mask_teacher,
     mask_strong_view=m.mask_strong_view,
+    input_norm=student_norm,
   )
   return objective, frozen, student_params, notes
 
@@ -131,8 +148,10 @@ def build_classification(
   n = c.num_classes or num_classes
   common = dict(num_classes=n, pool=c.pool, drop_path=c.drop_path, dtype=dtype(c.dtype))
   frozen, start, notes = {}, None, []
+  norm = input_norm(c)
   if c.checkpoint:
     loaded = load_checkpoint(c.checkpoint)
+    norm = input_norm(c, loaded)
     m = loaded.model
     arch = {k: getattr(m, k) for k in ('width', 'depth', 'num_heads', 'mlp_dim', 'patch_size',
                                         'image_size', 'channels')}  # fmt: skip
@@ -158,6 +177,7 @@ def build_classification(
     mix_prob=c.mix_prob,
     switch_prob=c.switch_prob,
     erase_prob=c.erase_prob,
+    input_norm=norm,
   )
   return objective, frozen, start, notes
 
@@ -173,8 +193,10 @@ def build_pretraining(config: ml_collections.ConfigDict, total_steps: int):
   m, size, notes = config.model, config.data.image_size, []
   start: dict[str, Any] = {}
   decoder = None
+  norm = input_norm(m)
   if m.checkpoint:
     loaded = load_checkpoint(m.checkpoint, dtype=dtype(m.dtype), drop_path=m.drop_path)
+    norm = input_norm(m, loaded)
     encoder = _encoder(loaded, f'model.checkpoint {m.checkpoint}')
     start['encoder'] = loaded.params['params']
     if 'decoder' in loaded.heads:  # an MAE _full checkpoint: continue with its decoder
@@ -200,9 +222,10 @@ def build_pretraining(config: ml_collections.ConfigDict, total_steps: int):
       temperature=mc.temperature,
       base_momentum=mc.momentum,
       freeze_patch_embed=mc.freeze_patch_embed,
+      input_norm=norm,
     )
     return objective, frozen, start.get('encoder'), notes
-  common = dict(mask_ratio=config.mae.mask_ratio, norm_pix=config.mae.norm_pix)
+  common = dict(mask_ratio=config.mae.mask_ratio, norm_pix=config.mae.norm_pix, input_norm=norm)
   if kind == 'mae':
     objective = Mae(encoder, decoder, **common)
   elif kind == 'rc_mae':
@@ -217,16 +240,18 @@ def build_pretraining(config: ml_collections.ConfigDict, total_steps: int):
       t_loaded = load_checkpoint(d.teacher, dtype=dtype(d.teacher_dtype))
       teacher = _encoder(t_loaded, f'dmae.teacher {d.teacher}')
       frozen['teacher'] = t_loaded.params
+      t_norm = t_loaded.normalization
       notes.append(f'teacher: {d.teacher}')
     else:
       teacher, frozen['teacher'] = _random_teacher(
         d.teacher_variant, size, d.teacher_dtype, jax.random.key(config.seed + 1)
       )
+      t_norm = pretrained.IMAGENET
       notes.append(f'teacher: RANDOMLY INITIALISED {d.teacher_variant} (no dmae.teacher given)')
     _check_size(teacher, size, 'the DMAE teacher')
     objective = Dmae(
       encoder, decoder, **common, teacher=teacher, teacher_block=d.teacher_block,
-      student_block=d.student_block, distill_weight=d.weight,
+      student_block=d.student_block, distill_weight=d.weight, teacher_input_norm=t_norm,
     )  # fmt: skip
   return objective, frozen, (start or None), notes
 

@@ -11,10 +11,11 @@ every checkpoint holds only what training changes (student, projectors, optimize
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import orbax.checkpoint as ocp
+
+from moma_jax import storage
 
 
 class CheckpointWriteError(OSError):
@@ -22,8 +23,8 @@ class CheckpointWriteError(OSError):
 
 
 class Checkpointer:
-  def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True):
-    self.directory = os.path.abspath(directory)
+  def __init__(self, directory: storage.PathLike, *, keep: int = 3, async_save: bool = True):
+    self.directory = storage.resolve(directory)  # local or gs://: never os.path.abspath a URI
     self._manager = ocp.CheckpointManager(
       self.directory,
       options=ocp.CheckpointManagerOptions(
@@ -37,9 +38,7 @@ class Checkpointer:
 
   def finalized_steps(self) -> list[int]:
     """Steps whose checkpoint is complete on storage (renamed from its temporary directory)."""
-    from etils import epath
-
-    root = epath.Path(self.directory)
+    root = self.directory
     return sorted(int(p.name) for p in root.iterdir() if p.name.isdigit()) if root.exists() else []
 
   def save(self, step: int, state: Any, extra: dict[str, Any]) -> None:

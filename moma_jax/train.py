@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -30,7 +29,7 @@ from absl import logging
 from clu import metric_writers, periodic_actions
 from jax.experimental import multihost_utils
 
-from moma_jax import builders, checkpointing, flops, optim, sharding
+from moma_jax import builders, checkpointing, flops, optim, sharding, storage
 from moma_jax.data import device, pipeline, sources
 from moma_jax.evaluators.classification import ClassificationEvaluator
 from moma_jax.evaluators.knn import KnnEvaluator, cls_features
@@ -184,7 +183,8 @@ def make_evaluations(config, objective, mesh, data_axes) -> list[Evaluation]:
       def final(state, frozen, ev=ev, ec=ec):
         if ec.get('teachers') and hasattr(objective, 'teachers'):
           for t_name, t in objective.teachers.items():
-            yield from ev.run(cls_features(t.model), frozen[t_name], f'knn/teacher_{t_name}')
+            fn = cls_features(t.model, mean=t.input_norm.mean, std=t.input_norm.std)
+            yield from ev.run(fn, frozen[t_name], f'knn/teacher_{t_name}')
         if ec.get('raw_pixels'):
           yield from ev.run(_pixel_features, None, 'knn/raw_pixels')
 
@@ -225,10 +225,11 @@ def _check_finite(step: int, metrics: dict[str, Any]) -> None:
 
 def export_model(
   components: dict[str, tuple[Any, Any, int | None]],
-  workdir: str,
+  workdir: storage.PathLike,
   metadata: dict[str, Any],
   torch_format: str | None = None,
-) -> str:
+  input_norm: pretrained.Normalization = pretrained.IMAGENET,
+) -> storage.Path:
   """Writes workdir/export/model (a converted-checkpoint directory: 'encoder' plus heads such as
   'decoder' or MoCo's 'projector') and model.pth (PyTorch; MAE/timm naming, or MoCo v3's
   .pth.tar layout when ``torch_format='mocov3'``).
@@ -237,7 +238,7 @@ def export_model(
   """
   from convert.convert import export_checkpoint
 
-  out = os.path.join(workdir, 'export', 'model')
+  out = storage.Path(workdir) / 'export' / 'model'
   specs = {k: pretrained.spec_of(m, d) for k, (m, _, d) in components.items()}
   host = {k: sharding.to_host(v) for k, (_, v, _) in components.items()}
   if jax.process_index() == 0:
@@ -245,15 +246,14 @@ def export_model(
     meta = {
       **metadata,
       'format': 'moma_jax',
-      'mean': list(pretrained.IMAGENET_MEAN),
-      'std': list(pretrained.IMAGENET_STD),
+      **input_norm.to_metadata(),
       'image_size': enc.image_size,
       'patch_size': enc.patch_size,
       'variant': vit.name_variant(enc.width, enc.depth, enc.num_heads, enc.patch_size),
     }
     pretrained.save_pretrained(out, specs, host, meta, overwrite=True)
     export_checkpoint(
-      out, os.path.join(workdir, 'export', 'model.pth'), overwrite=True, fmt=torch_format
+      out, storage.Path(workdir) / 'export' / 'model.pth', overwrite=True, fmt=torch_format
     )
   return out
 
@@ -262,6 +262,7 @@ def export_model(
 RESUMABLE_CHANGES = (
   'stop_at_step', 'num_train_steps', 'num_epochs', 'log_every', 'checkpoint_every',
   'keep_checkpoints', 'evaluators', 'force_resume', 'data.data_dir', 'data.manual_dir',
+  'tensorboard',
 )  # fmt: skip
 
 
@@ -329,8 +330,12 @@ class Preemption:
 # --- the loop --------------------------------------------------------------------------------------
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-  """Runs (or resumes) the configured training in ``workdir``; returns the final metrics."""
+def train_and_evaluate(
+  config: ml_collections.ConfigDict, workdir: storage.PathLike
+) -> dict[str, float]:
+  """Runs (or resumes) the configured training in ``workdir`` (a local path or gs://...);
+  returns the final metrics."""
+  workdir = storage.resolve(workdir)
   # 1. Everything cheap and checkable first.
   mesh = sharding.make_mesh(dict(config.mesh))
   data_axes = sharding.data_axes(mesh)
@@ -354,25 +359,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   tx, schedule, peak_lr = make_optimizer(config, objective, total_steps, steps_per_epoch)
   evaluations = make_evaluations(config, objective, mesh, data_axes)
 
-  os.makedirs(workdir, exist_ok=True)
-  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  workdir.mkdir(parents=True, exist_ok=True)
+  ckpt = checkpointing.Checkpointer(workdir / 'checkpoints', keep=config.keep_checkpoints)
+  latest = ckpt.latest_step()
+  if latest is not None:  # before anything is written: a refused resume leaves the workdir as is
+    check_same_experiment(config, ckpt.read_extra(latest).get('config'), workdir)
+  # TensorBoard event files are written by TensorFlow's own file system layer (gs:// included).
+  writer = metric_writers.create_default_writer(
+    workdir if config.tensorboard else None,
+    just_logging=jax.process_index() > 0 or not config.tensorboard,
+  )
   for note in notes:
     (logging.warning if 'RANDOM' in note else logging.info)('%s', note)
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      f.write(config.to_json_best_effort(indent=2))
+    storage.write_text_atomic(workdir / 'config.json', config.to_json_best_effort(indent=2))
   logging.info(
     '%s: mesh %s, global batch %d (%d per host), %d steps (%d per epoch), peak lr %.3g',
     config.name, dict(mesh.shape), config.batch_size, per_host_batch, total_steps,
     steps_per_epoch, peak_lr,
   )  # fmt: skip
-
-  ckpt = checkpointing.Checkpointer(
-    os.path.join(workdir, 'checkpoints'), keep=config.keep_checkpoints
-  )
-  latest = ckpt.latest_step()
-  if latest is not None:
-    check_same_experiment(config, ckpt.read_extra(latest).get('config'), workdir)
 
   # 2. State, created sharded.
   init_rng, train_rng = jax.random.split(jax.random.key(config.seed))
@@ -384,11 +389,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   frozen = jax.device_put(frozen, frozen_sharding)
 
   # 3. Resume.
-  ckpt = checkpointing.Checkpointer(
-    os.path.join(workdir, 'checkpoints'), keep=config.keep_checkpoints
-  )
   start_index = 0
-  latest = ckpt.latest_step()
   if latest is not None:
     target = jax.tree.map(
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sharding
@@ -402,7 +403,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   batch_sharding = device.batch_sharding(mesh, data_axes)
   train_iter = pipeline.train_iterator(
     train_src, {k: views[k] for k in objective.required_views()}, batch_size=per_host_batch,
-    seed=config.seed, start_index=start_index, shuffle_buffer=config.data.shuffle_buffer,
+    seed=config.seed, start_index=start_index,
     process_index=jax.process_index(),
   )  # fmt: skip
 
@@ -477,7 +478,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if exported:
     export_model(
       exported, workdir, {'config': config.name, 'steps': step},
-      getattr(objective, 'torch_format', None),
+      getattr(objective, 'torch_format', None), objective.input_norm,
     )  # fmt: skip
   final = {'step': step, **(history[-1] if history else {})}
   for ev in evaluations:
@@ -491,6 +492,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   writer.flush()
   ckpt.close()
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, 'final_metrics.json'), 'w') as f:
-      json.dump({'final': final, 'history': history}, f, indent=1)
+    storage.write_text_atomic(
+      workdir / 'final_metrics.json', json.dumps({'final': final, 'history': history}, indent=1)
+    )
   return final

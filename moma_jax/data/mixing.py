@@ -10,15 +10,14 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from moma_jax.models.pretrained import IMAGENET_MEAN, IMAGENET_STD
+from moma_jax.models.pretrained import IMAGENET_MEAN, IMAGENET_STD, Normalization
 
 Array = jax.Array
 
 
 def normalize(images: Array, mean=IMAGENET_MEAN, std=IMAGENET_STD, dtype=jnp.float32) -> Array:
   """uint8 [B, H, W, 3] -> float (x / 255 - mean) / std."""
-  x = images.astype(jnp.float32) / 255.0
-  return ((x - jnp.asarray(mean)) / jnp.asarray(std)).astype(dtype)
+  return Normalization(mean, std)(images, dtype)
 
 
 def one_hot_smooth(labels: Array, num_classes: int, smoothing: float = 0.0) -> Array:

@@ -19,8 +19,7 @@ import dataclasses
 import hashlib
 import json
 import os
-import shutil
-import tempfile
+import uuid
 from typing import Any
 
 import flax.linen as nn
@@ -29,12 +28,48 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from moma_jax import storage
 from moma_jax.models import heads, vit
 
 METADATA_FILE = 'metadata.json'
 PARAMS_DIR = 'params'
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclasses.dataclass(frozen=True)
+class Normalization:
+  """The input statistics a model was trained with: uint8 images -> (x / 255 - mean) / std.
+
+  Each model carries its own (from its checkpoint's metadata, or the config for a random init),
+  so a teacher and a student trained with different statistics each see what they were trained on.
+  """
+
+  mean: tuple[float, ...] = IMAGENET_MEAN
+  std: tuple[float, ...] = IMAGENET_STD
+
+  def __post_init__(self):
+    mean, std = tuple(float(v) for v in self.mean), tuple(float(v) for v in self.std)
+    if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+      raise ValueError(f'input normalisation mean={mean} std={std}: need 3 values each, std > 0')
+    object.__setattr__(self, 'mean', mean)
+    object.__setattr__(self, 'std', std)
+
+  def __call__(self, images: jax.Array, dtype=jnp.float32) -> jax.Array:
+    """uint8 [B, H, W, 3] -> float [B, H, W, 3]."""
+    x = images.astype(jnp.float32) / 255.0
+    return ((x - jnp.asarray(self.mean)) / jnp.asarray(self.std)).astype(dtype)
+
+  @classmethod
+  def from_metadata(cls, metadata: dict[str, Any]) -> Normalization:
+    """From a checkpoint's metadata ('mean' / 'std'); ImageNet's where it records none."""
+    return cls(tuple(metadata.get('mean', IMAGENET_MEAN)), tuple(metadata.get('std', IMAGENET_STD)))
+
+  def to_metadata(self) -> dict[str, list[float]]:
+    return {'mean': list(self.mean), 'std': list(self.std)}
+
+
+IMAGENET = Normalization()
 
 MODULES: dict[str, type[nn.Module]] = {
   'ViT': vit.ViT,
@@ -78,6 +113,11 @@ class Pretrained:
   params: dict[str, Any]
   metadata: dict[str, Any]
   heads: dict[str, Component]
+
+  @property
+  def normalization(self) -> Normalization:
+    """How this model's inputs must be normalised (its checkpoint's mean / std)."""
+    return Normalization.from_metadata(self.metadata)
 
 
 _RUNTIME_ONLY = ('parent', 'name', 'dtype', 'attention_impl', 'drop_path', 'bn_axis_name')
@@ -137,7 +177,7 @@ def check_variables(expected: Any, actual: Any, what: str) -> None:
 
 
 def save_pretrained(
-  dst: str | os.PathLike,
+  dst: storage.PathLike,
   specs: dict[str, ComponentSpec],
   variables: dict[str, dict[str, Any]],
   metadata: dict[str, Any],
@@ -150,70 +190,95 @@ def save_pretrained(
   tree that would not load. An existing ``dst`` is replaced only with ``overwrite``, and only once
   the new directory is complete.
   """
-  dst = os.path.abspath(os.fspath(dst))
-  if os.path.exists(dst) and not overwrite:
+  dst = storage.resolve(dst)
+  if dst.exists() and not overwrite:
     raise FileExistsError(f'{dst} already exists; pass --overwrite to replace it')
   if set(specs) != set(variables) or 'encoder' not in specs:
     raise ValueError(f'components {sorted(specs)} vs variables {sorted(variables)}; need encoder')
   for name, spec in specs.items():
     check_variables(abstract_variables(spec), variables[name], f'component {name!r}')
-  parent = os.path.dirname(dst)
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=f'.{os.path.basename(dst)}.tmp-', dir=parent)
+  dst.parent.mkdir(parents=True, exist_ok=True)
+  # Local disks: build in a temporary sibling, then rename (atomic). Object stores have no
+  # directory rename (it is a copy of every object): write in place, metadata.json last.
+  remote = storage.is_remote(dst)
+  if remote and dst.exists():
+    dst.rmtree()
+  tmp = dst if remote else dst.parent / f'.{dst.name}.tmp-{uuid.uuid4().hex[:8]}'
   try:
     tree = jax.tree.map(np.asarray, variables)
     with ocp.StandardCheckpointer() as ckptr:
-      ckptr.save(os.path.join(tmp, PARAMS_DIR), tree)
+      ckptr.save(tmp / PARAMS_DIR, tree)
     meta = {
       **metadata,
       'components': {k: v.to_json() for k, v in specs.items()},
       # orbax files carry no checksums: ours make any corruption a clean error at load time.
-      'params_sha256': _hash_tree(os.path.join(tmp, PARAMS_DIR)),
+      'params_sha256': _hash_tree(tmp / PARAMS_DIR),
     }
-    with open(os.path.join(tmp, METADATA_FILE), 'w') as f:
-      json.dump(meta, f, indent=2, sort_keys=True)
-    if os.path.exists(dst):
-      old = tempfile.mkdtemp(prefix=f'.{os.path.basename(dst)}.old-', dir=parent)
-      os.rename(dst, os.path.join(old, 'x'))
-      os.rename(tmp, dst)
-      shutil.rmtree(old, ignore_errors=True)
+    # metadata.json is written last: a directory without it is never taken for a checkpoint.
+    (tmp / METADATA_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
+    if remote:
+      return
+    if dst.exists():
+      old = dst.parent / f'.{dst.name}.old-{uuid.uuid4().hex[:8]}'
+      dst.rename(old)
+      tmp.rename(dst)
+      old.rmtree()
     else:
-      os.rename(tmp, dst)
+      tmp.rename(dst)
   finally:
-    shutil.rmtree(tmp, ignore_errors=True)
+    if not remote and tmp.exists():
+      tmp.rmtree()
 
 
-def _hash_tree(root: str) -> dict[str, str]:
-  """sha256 of every file under ``root``, by relative path."""
+def _hash_tree(root: storage.PathLike) -> dict[str, str]:
+  """sha256 of every file under ``root``, by relative path (local disks and object stores)."""
+  root = storage.Path(root)
   out = {}
-  for dirpath, _, files in os.walk(root):
-    for name in files:
-      full = os.path.join(dirpath, name)
+  # iterdir rather than walk(): epath's walk drops the gs:// scheme from the paths it yields.
+  pending = [root]
+  while pending:
+    for child in pending.pop().iterdir():
+      if child.is_dir():
+        pending.append(child)
+        continue
       h = hashlib.sha256()
-      with open(full, 'rb') as f:
+      with child.open('rb') as f:
         for chunk in iter(lambda: f.read(1 << 20), b''):
           h.update(chunk)
-      out[os.path.relpath(full, root)] = h.hexdigest()
+      out[os.fspath(child.relative_to(root))] = h.hexdigest()
   return out
 
 
-def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
-  if os.path.isfile(path):
+def read_metadata(path: storage.PathLike) -> dict[str, Any]:
+  p = storage.Path(path)
+  if not p.exists():
+    raise FileNotFoundError(f'checkpoint {path} does not exist')
+  if not p.is_dir():
     raise FileNotFoundError(
       f'{path} is a file, not a converted checkpoint directory; convert it first: '
       f'python -m convert --src {path} --dst DIR'
     )
-  meta_path = os.path.join(os.fspath(path), METADATA_FILE)
-  if not os.path.isfile(meta_path):
+  meta_path = p / METADATA_FILE
+  if not meta_path.exists():
     raise FileNotFoundError(
       f'{path} is not a converted checkpoint directory (no {METADATA_FILE}); '
       'convert a PyTorch checkpoint first: python -m convert --src CKPT --dst DIR'
     )
-  with open(meta_path) as f:
-    return json.load(f)
+  try:
+    meta = json.loads(meta_path.read_text())
+    if not isinstance(meta.get('components'), dict) or 'encoder' not in meta['components']:
+      raise KeyError('components')
+    for spec in meta['components'].values():
+      ComponentSpec(**spec)
+  except (ValueError, KeyError, TypeError) as e:
+    raise CheckpointMismatchError(
+      f'{meta_path} is not a moma_jax checkpoint description ({type(e).__name__}: {e}); '
+      'convert or export the checkpoint again'
+    ) from None
+  return meta
 
 
-def load_pretrained(path: str | os.PathLike, **model_overrides: Any) -> Pretrained:
+def load_pretrained(path: storage.PathLike, **model_overrides: Any) -> Pretrained:
   """Loads a directory written by ``python -m convert`` (or by the trainer's export).
 
   Args:
@@ -228,10 +293,10 @@ def load_pretrained(path: str | os.PathLike, **model_overrides: Any) -> Pretrain
   """
   meta = read_metadata(path)
   specs = {k: ComponentSpec(**v) for k, v in meta['components'].items()}
-  params_dir = os.path.join(os.fspath(path), PARAMS_DIR)
+  params_dir = storage.Path(path) / PARAMS_DIR
   expected = meta.get('params_sha256')
   if expected is not None:
-    actual = _hash_tree(params_dir) if os.path.isdir(params_dir) else {}
+    actual = _hash_tree(params_dir) if params_dir.is_dir() else {}
     bad = sorted(k for k in expected if actual.get(k) != expected[k])
     if bad:
       raise CheckpointMismatchError(

@@ -21,6 +21,7 @@ import optax
 
 from moma_jax import flops
 from moma_jax.data import mixing
+from moma_jax.models.pretrained import IMAGENET, Normalization
 from moma_jax.models.vit import ViT
 
 Array = jax.Array
@@ -80,6 +81,7 @@ class Classification:
   mix_prob: float = 1.0
   switch_prob: float = 0.5
   erase_prob: float = 0.25
+  input_norm: Normalization = IMAGENET  # the encoder's input statistics (from its checkpoint)
 
   def __post_init__(self):
     if not self.model.num_classes:
@@ -132,7 +134,7 @@ class Classification:
 
   def loss(self, params, extra, frozen, batch, rng):
     k_mix, k_erase, k_drop = jax.random.split(rng, 3)
-    images = mixing.normalize(batch['image'])
+    images = self.input_norm(batch['image'])
     targets = mixing.one_hot_smooth(batch['label'], self.model.num_classes, self.label_smoothing)
     if not self.linear_probe:
       if self.mixup_alpha > 0 or self.cutmix_alpha > 0:
@@ -149,12 +151,12 @@ class Classification:
 
   def predict(self, params, extra, frozen, images: Array) -> Array:
     """uint8 images -> logits (evaluation mode)."""
-    logits, _ = self.logits(params, extra, frozen, mixing.normalize(images), train=False)
+    logits, _ = self.logits(params, extra, frozen, self.input_norm(images), train=False)
     return logits
 
   def features(self, params, extra, frozen, images: Array) -> Array:
     """Features for k-NN: the probed encoder's CLS, or the fine-tuned model's pre-logits."""
-    x = mixing.normalize(images)
+    x = self.input_norm(images)
     if self.linear_probe:
       tokens, _ = self.encoder.apply(frozen['encoder'], x)
       return self._pool(tokens).astype(jnp.float32)

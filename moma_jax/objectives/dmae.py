@@ -13,6 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from moma_jax.models.pretrained import IMAGENET, Normalization
 from moma_jax.models.vit import ViT
 from moma_jax.objectives.mae import Mae
 
@@ -30,6 +31,7 @@ class Dmae(Mae):
   teacher_block: int = 18
   student_block: int = 9
   distill_weight: float = 1.0
+  teacher_input_norm: Normalization = IMAGENET  # the teacher's own input statistics
 
   def __post_init__(self):
     if self.teacher is None:
@@ -56,8 +58,9 @@ class Dmae(Mae):
     return params, extra
 
   def loss(self, params, extra, frozen, batch, rng):
-    images, keep, _, aux, pixel = self.masked_reconstruction(params, batch, rng)
-    _, t_aux = self.teacher.apply(frozen['teacher'], images, keep)  # same visible tokens
+    _, keep, _, aux, pixel = self.masked_reconstruction(params, batch, rng)
+    t_images = self.teacher_input_norm(batch['image'])
+    _, t_aux = self.teacher.apply(frozen['teacher'], t_images, keep)  # same visible tokens
     target = jax.lax.stop_gradient(t_aux[f'block_{self.teacher_block - 1}'][:, 1:])
     student = aux[f'block_{self.student_block - 1}'][:, 1:]
     proj = nn.Dense(self.teacher.width).apply({'params': params['projector']}, student)

@@ -10,8 +10,8 @@ import jax
 import jax.numpy as jnp
 
 from moma_jax import flops, masking
-from moma_jax.data.mixing import normalize
 from moma_jax.models.heads import MaeDecoder
+from moma_jax.models.pretrained import IMAGENET, Normalization
 from moma_jax.models.vit import ViT, patchify
 
 Array = jax.Array
@@ -53,6 +53,7 @@ class Mae:
   decoder: MaeDecoder
   mask_ratio: float = 0.75
   norm_pix: bool = True
+  input_norm: Normalization = IMAGENET
 
   frozen_pattern = r'^(encoder/pos_embed|decoder/decoder_pos_embed)$'  # fixed sin-cos tables
   torch_format = 'mae'
@@ -92,7 +93,7 @@ class Mae:
     """The MAE forward shared by MAE, DMAE and RC-MAE: (images, keep_idx, predictions,
     encoder intermediates, pixel loss) for one batch; ``rng`` drives masking and drop path."""
     k_mask, k_drop = jax.random.split(rng)
-    images = normalize(batch['image'])
+    images = self.input_norm(batch['image'])
     keep = self.keep_idx(k_mask, images.shape[0])
     pred, _, aux = self.reconstruct(params, images, keep, k_drop)
     return images, keep, pred, aux, self.pixel_loss(pred, images, keep)
@@ -102,7 +103,7 @@ class Mae:
     return loss, ({'loss': loss}, extra)
 
   def features(self, params, extra, frozen, images: Array) -> Array:
-    tokens, _ = self.encoder.apply({'params': params['encoder']}, normalize(images))
+    tokens, _ = self.encoder.apply({'params': params['encoder']}, self.input_norm(images))
     return tokens[:, 0].astype(jnp.float32)
 
   def export(self, params, extra):

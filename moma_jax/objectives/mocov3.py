@@ -17,8 +17,8 @@ import jax.numpy as jnp
 import optax
 
 from moma_jax import ema, flops
-from moma_jax.data.mixing import normalize
 from moma_jax.models.heads import MlpHead
+from moma_jax.models.pretrained import IMAGENET, Normalization
 from moma_jax.models.vit import ViT
 
 Array = jax.Array
@@ -42,6 +42,7 @@ class MocoV3:
   temperature: float = 0.2
   base_momentum: float = 0.99
   freeze_patch_embed: bool = True
+  input_norm: Normalization = IMAGENET
 
   torch_format = 'mocov3'
 
@@ -88,7 +89,7 @@ class MocoV3:
     new = dict(extra, momentum=momentum, step=extra['step'] + 1)
     qs, ks = [], []
     for view in ('view1', 'view2'):
-      x = normalize(batch[view])
+      x = self.input_norm(batch[view])
       feats, _ = self.encoder.apply({'params': params['encoder']}, x)
       z, new['projector_bn'] = self._project(
         params['projector'], new['projector_bn'], feats[:, 0], self.projector
@@ -106,7 +107,7 @@ class MocoV3:
     return loss, ({'loss': loss, 'momentum': m}, new)
 
   def features(self, params, extra, frozen, images: Array) -> Array:
-    tokens, _ = self.encoder.apply({'params': params['encoder']}, normalize(images))
+    tokens, _ = self.encoder.apply({'params': params['encoder']}, self.input_norm(images))
     return tokens[:, 0].astype(jnp.float32)
 
   def export(self, params, extra):

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from moma_jax import flops, masking
-from moma_jax.data.mixing import normalize
+from moma_jax.models.pretrained import IMAGENET, Normalization
 from moma_jax.models.vit import ViT, gather_tokens
 
 Array = jax.Array
@@ -64,6 +64,7 @@ class Teacher:
   weight: float = 1.0
   student_view: str = 'masked'
   source: str = ''  # checkpoint directory, or 'random' (runlocal without checkpoints)
+  input_norm: Normalization = IMAGENET  # the statistics this teacher was trained with
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,6 +80,7 @@ class Moma:
   per_teacher_projector: bool = True
   mask_teacher: bool = False
   mask_strong_view: bool = True
+  input_norm: Normalization = IMAGENET  # the student's input statistics
 
   def __post_init__(self):
     if not self.teachers:
@@ -182,7 +184,7 @@ class Moma:
     """(loss, (metrics, extra)). batch: {'teacher': uint8 [B,H,W,3], ['strong': uint8]}."""
     k_mask, k_drop = jax.random.split(rng)
     s = self.student
-    images = normalize(batch['teacher'])
+    images = self.input_norm(batch['teacher'])
     b = images.shape[0]
     keep_idx = masking.random_keep_idx(k_mask, b, s.num_patches, self.mask_ratio)
 
@@ -191,7 +193,7 @@ class Moma:
       needed |= {'masked', 'strong'} if t.student_view == 'both' else {t.student_view}
     student_tokens = {}
     for kind in sorted(needed):
-      x = images if kind == 'masked' else normalize(batch['strong'])
+      x = images if kind == 'masked' else self.input_norm(batch['strong'])
       idx = keep_idx if (kind == 'masked' or self.mask_strong_view) else None
       tokens, _ = s.apply(
         {'params': params['student']}, x, idx, train=True, rngs={'dropout': k_drop}
@@ -202,7 +204,7 @@ class Moma:
     metrics = {}
     pnames = self._projector_names()
     for name, t in self.teachers.items():
-      target = self._target(t, frozen[name], images, keep_idx)
+      target = self._target(t, frozen[name], t.input_norm(batch['teacher']), keep_idx)
       kinds = ['masked', 'strong'] if t.student_view == 'both' else [t.student_view]
       losses = []
       for kind in kinds:
@@ -220,7 +222,7 @@ class Moma:
 
   def features(self, params, extra, frozen, images: Array) -> Array:
     """The student's CLS token on the full image: [B, D] (uint8 images in)."""
-    tokens, _ = self.student.apply({'params': params['student']}, normalize(images))
+    tokens, _ = self.student.apply({'params': params['student']}, self.input_norm(images))
     return tokens[:, 0].astype(jnp.float32)
 
   def export(self, params: dict[str, Any], extra: dict) -> dict[str, tuple[Any, Any, None]]:
