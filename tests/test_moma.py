@@ -205,3 +205,50 @@ def test_two_processes_match_one(tmp_path):
   assert len(flat) == len(got.files) - 1
   for k, v in flat.items():
     np.testing.assert_allclose(got[k], v, atol=1e-5, rtol=1e-5)
+
+
+def test_each_model_sees_its_own_input_statistics(tmp_path):
+  """A teacher trained with mean = std = 0.5 (as many timm ViTs) is fed (x / 255 - 0.5) / 0.5,
+  the student ImageNet-normalised pixels; checked against a NumPy recomputation of the loss."""
+  from configs import common
+  from moma_jax import builders, masking
+  from moma_jax.models import pretrained
+
+  teacher = _vit()
+  t_vars = teacher.init(jax.random.key(3), jnp.zeros((1, 32, 32, 3)))
+  half = {'mean': [0.5] * 3, 'std': [0.5] * 3}
+  pretrained.save_pretrained(
+    tmp_path / 'teacher', {'encoder': pretrained.spec_of(teacher)}, {'encoder': t_vars}, half
+  )
+  config = common.shortened_runlocal(
+    'moco_to_mae', 1, checkpoint_every=1, log_every=1,
+    overrides={'teachers.moco.checkpoint': str(tmp_path / 'teacher'),
+               'teachers.moco.student_view': 'masked', 'student.checkpoint': ''},
+  )  # fmt: skip
+  obj, frozen, _, _ = builders.build_moma(config)
+  assert obj.teachers['moco'].input_norm.mean == (0.5, 0.5, 0.5)
+  assert obj.input_norm == pretrained.IMAGENET
+
+  params, extra = obj.init(jax.random.key(0))
+  batch = _batch(8)
+  rng = jax.random.key(7)
+  loss, _ = obj.loss(params, extra, frozen, batch, rng)
+  keep = np.asarray(masking.random_keep_idx(jax.random.split(rng)[0], 8, 64, obj.mask_ratio))
+  pixels = batch['teacher'].astype(np.float32) / 255
+  x_teacher = (pixels - 0.5) / 0.5
+  x_student = (pixels - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225])
+  tt, _ = teacher.apply(frozen['moco'], jnp.asarray(x_teacher, jnp.float32))
+  tgt = np.asarray(layer_norm(tt))
+  tgt = np.concatenate([tgt[:, :1], np.take_along_axis(tgt[:, 1:], keep[..., None], 1)], 1)
+  st, _ = obj.student.apply(
+    {'params': params['student']}, jnp.asarray(x_student, jnp.float32), keep
+  )
+  p = params['projectors']['moco']
+  d = np.abs(np.asarray(st) @ np.asarray(p['kernel']) + np.asarray(p['bias']) - tgt)
+  np.testing.assert_allclose(loss, np.where(d < 1.0, 0.5 * d * d, d - 0.5).mean(), rtol=1e-5)
+
+  # The export records the student's statistics, and loading hands them back.
+  out = train.export_model(
+    obj.export(params, extra), tmp_path / 'wd', {'steps': 0}, None, pretrained.Normalization(**half)
+  )
+  assert pretrained.load_pretrained(out).normalization.std == (0.5, 0.5, 0.5)
