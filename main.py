@@ -7,11 +7,16 @@ on every host). Re-running the same command in the same workdir resumes from its
 
 from __future__ import annotations
 
+import logging as logging_std
+import os
 import re
 import sys
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+# TensorFlow's C++ INFO lines (oneDNN notices), before anything imports it; -v 1 does not undo it.
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'config file[:args]', lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'where checkpoints, metrics and exports go')
@@ -48,9 +53,28 @@ def parse_flags(argv: list[str]) -> list[str]:
   return []
 
 
+class _OwnInfoOnly(logging_std.Filter):
+  """Keeps warnings and errors from everyone, but INFO lines only from this project: orbax,
+  tensorstore, clu and friends log hundreds of INFO lines per run (pass -v 1 to see them)."""
+
+  def __init__(self):
+    super().__init__()
+    import convert
+    import moma_jax
+
+    self._ours = tuple(
+      os.path.dirname(os.path.abspath(m.__file__)) + os.sep for m in (moma_jax, convert)
+    ) + (os.path.abspath(__file__),)
+
+  def filter(self, record: logging_std.LogRecord) -> bool:
+    return record.levelno >= logging_std.WARNING or record.pathname.startswith(self._ours)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  if flags.FLAGS.verbosity < 1:
+    logging.get_absl_handler().python_handler.addFilter(_OwnInfoOnly())
   import jax
 
   if _DISTRIBUTED.value:
@@ -67,13 +91,8 @@ def main(argv):
     logging.error('%s', e)
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
-  knn = {k.split('/')[1]: v for k, v in final.items() if k.startswith('knn/')}
-  if knn and jax.process_index() == 0:  # the student next to its teachers and the raw-pixel floor
-    model = 'student' if any(k.startswith('teacher_') for k in knn) else 'model'
-    parts = [
-      f'{model if k == "model" else k.replace("_", " ")} {100 * v:.1f}%' for k, v in knn.items()
-    ]
-    print('k-NN top-1 on the held-out split: ' + ', '.join(parts))
+  if jax.process_index() == 0 and final.get('summary'):
+    print('\n'.join(final['summary']))
 
 
 if __name__ == '__main__':

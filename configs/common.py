@@ -103,6 +103,7 @@ def knn_evaluator(**overrides: Any) -> ml_collections.ConfigDict:
     every_steps=0, at_end=True, train_split='train', eval_split='validation',
     max_train=0,  # 0: the whole train split as the memory bank
     batch_size=1024, teachers=False, raw_pixels=False,
+    before=True,  # with at_end: also evaluate the model at step 0, for the final summary
   )  # fmt: skip
   e.update(overrides)
   return ml_collections.ConfigDict(e)

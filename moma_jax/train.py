@@ -29,11 +29,11 @@ from absl import logging
 from clu import metric_writers, periodic_actions
 from jax.experimental import multihost_utils
 
-from moma_jax import builders, checkpointing, flops, optim, sharding, storage
+from moma_jax import builders, checkpointing, flops, optim, sharding, storage, summary
 from moma_jax.data import device, pipeline, sources
 from moma_jax.evaluators.classification import ClassificationEvaluator
 from moma_jax.evaluators.knn import KnnEvaluator, cls_features
-from moma_jax.models import pretrained, vit
+from moma_jax.models import pretrained, resnet, vit
 
 
 @flax.struct.dataclass
@@ -116,6 +116,8 @@ def jit_train_step(
 
 def make_optimizer(config, objective, total_steps: int, steps_per_epoch: int):
   """(optax transformation, lr schedule, peak lr) from config.optim."""
+  if hasattr(objective, 'make_optimizer'):  # DINO / MOKD: their own optimizers and schedules
+    return objective.make_optimizer(config, total_steps, steps_per_epoch)
   o = config.optim
   peak = optim.learning_rate(o.base_lr, config.batch_size)
   warmup = o.warmup_steps or int(o.warmup_epochs * steps_per_epoch)
@@ -156,6 +158,7 @@ class Evaluation:
   at_end: bool
   run: Callable[[TrainState, Any], Iterator[tuple[str, float]]]
   final_only: Callable[[TrainState, Any], Iterator[tuple[str, float]]] | None = None
+  before: bool = False  # also run at step 0, as the "before training" baseline
 
 
 def make_evaluations(config, objective, mesh, data_axes) -> list[Evaluation]:
@@ -185,10 +188,14 @@ def make_evaluations(config, objective, mesh, data_axes) -> list[Evaluation]:
           for t_name, t in objective.teachers.items():
             fn = cls_features(t.model, mean=t.input_norm.mean, std=t.input_norm.std)
             yield from ev.run(fn, frozen[t_name], f'knn/teacher_{t_name}')
+        for tag, fn in getattr(objective, 'extra_features', dict)().items():  # MOKD's CNN
+          run_fn = lambda a, x, fn=fn: fn(*a, x)  # noqa: E731
+          yield from ev.run(run_fn, (state.params, state.extra, frozen), f'knn/{tag}')
         if ec.get('raw_pixels'):
           yield from ev.run(_pixel_features, None, 'knn/raw_pixels')
 
-      evals.append(Evaluation('knn', ec.every_steps, ec.at_end, run, final))
+      before = bool(ec.get('before')) and ec.at_end
+      evals.append(Evaluation('knn', ec.every_steps, ec.at_end, run, final, before))
     elif name == 'classification':
       ev = ClassificationEvaluator(
         dataset=config.data.name, split=ec.split, batch_size=ec.batch_size, **common
@@ -243,14 +250,15 @@ def export_model(
   host = {k: sharding.to_host(v) for k, (_, v, _) in components.items()}
   if jax.process_index() == 0:
     enc = components['encoder'][0]
-    meta = {
-      **metadata,
-      'format': 'moma_jax',
-      **input_norm.to_metadata(),
-      'image_size': enc.image_size,
-      'patch_size': enc.patch_size,
-      'variant': vit.name_variant(enc.width, enc.depth, enc.num_heads, enc.patch_size),
-    }
+    if isinstance(enc, vit.ViT):
+      arch = {
+        'image_size': enc.image_size,
+        'patch_size': enc.patch_size,
+        'variant': vit.name_variant(enc.width, enc.depth, enc.num_heads, enc.patch_size),
+      }
+    else:  # a ResNet (DINO, MOKD)
+      arch = {'variant': resnet.name_variant(enc.block, enc.stage_sizes, enc.width, enc.small_stem)}
+    meta = {**metadata, 'format': 'moma_jax', **input_norm.to_metadata(), **arch}
     pretrained.save_pretrained(out, specs, host, meta, overwrite=True)
     export_checkpoint(
       out, storage.Path(workdir) / 'export' / 'model.pth', overwrite=True, fmt=torch_format
@@ -354,7 +362,7 @@ def train_and_evaluate(
   if missing_views:
     raise ValueError(f'data.views lacks {sorted(missing_views)}, which the objective reads')
   for name in objective.required_views():
-    if views[name].size != config.data.image_size:
+    if views[name].size != config.data.image_size and not getattr(objective, 'multi_crop', False):
       raise ValueError(f'view {name!r} must be data.image_size={config.data.image_size}px')
   tx, schedule, peak_lr = make_optimizer(config, objective, total_steps, steps_per_epoch)
   evaluations = make_evaluations(config, objective, mesh, data_axes)
@@ -396,7 +404,17 @@ def train_and_evaluate(
     )
     state, extra = ckpt.restore(latest, target)
     start_index = int(extra['data_index'][jax.process_index()])
+    history, baseline = list(extra.get('history', [])), dict(extra.get('baseline', {}))
     logging.info('resumed from step %d (data position %d)', latest, start_index)
+  else:
+    history, baseline = [], {}
+    for ev in evaluations:  # the model before training, for the final summary
+      if ev.before:
+        results = {
+          k.replace('knn/model/', f'{summary.BEFORE}/'): v for k, v in ev.run(state, frozen)
+        }
+        logging.info('before training: %s', _format(results))
+        baseline.update(results)
   step = int(state.step)
 
   # 4. The loop.
@@ -419,12 +437,17 @@ def train_and_evaluate(
 
   def save(at_step: int):
     positions = multihost_utils.process_allgather(np.int64(data_index))
-    facts = {'data_index': [int(i) for i in np.ravel(positions)], 'config': _flat_config(config)}
+    facts = {
+      'data_index': [int(i) for i in np.ravel(positions)],
+      'config': _flat_config(config),
+      'history': history,  # the metrics so far, so a resumed run reports its whole history
+      'baseline': baseline,
+    }
     ckpt.save(at_step, state, facts)
 
-  history: list[dict[str, float]] = []
   prev_metrics = None
   t_log, steps_since_log = time.perf_counter(), 0
+  t_start, first_step = t_log, step
   tagged = ((batch, train_iter.next_index) for batch in train_iter)
   batches = device.prefetch_to_device(tagged, batch_sharding, size=1)
   stop = min(total_steps, config.stop_at_step or total_steps)
@@ -452,6 +475,11 @@ def train_and_evaluate(
         writer.write_scalars(step, scalars)
         history.append({'step': step, **scalars})
         t_log, steps_since_log = time.perf_counter(), 0
+        eta = (total_steps - step) * (t_log - t_start) / max(step - first_step, 1)
+        logging.info(
+          'step %d/%d  loss %.4g  %.0f img/s  ETA %s', step, total_steps, scalars['loss'],
+          scalars['images_per_sec'], _duration(eta),
+        )  # fmt: skip
       for ev in evaluations:
         if ev.every_steps and step % ev.every_steps == 0 and step < total_steps:
           writer.write_scalars(step, dict(ev.run(state, frozen)))
@@ -480,7 +508,7 @@ def train_and_evaluate(
       exported, workdir, {'config': config.name, 'steps': step},
       getattr(objective, 'torch_format', None), objective.input_norm,
     )  # fmt: skip
-  final = {'step': step, **(history[-1] if history else {})}
+  final = {'step': step, **(history[-1] if history else {}), **baseline}
   for ev in evaluations:
     if ev.at_end:
       results = dict(ev.run(state, frozen))
@@ -488,11 +516,31 @@ def train_and_evaluate(
         results.update(ev.final_only(state, frozen))
       writer.write_scalars(step, results)
       final.update(results)
-      logging.info('%s: %s', ev.name, ', '.join(f'{k} {v:.4f}' for k, v in results.items()))
   writer.flush()
   ckpt.close()
+  final['summary'] = summary.final_block(
+    name=config.name, objective=config.objective, step=step, total_steps=total_steps,
+    seconds=time.perf_counter() - t_start, dataset=f'{config.data.name}/{_eval_split(config)}',
+    num_classes=train_src.num_classes, final=final,
+  )  # fmt: skip
   if jax.process_index() == 0:
     storage.write_text_atomic(
       workdir / 'final_metrics.json', json.dumps({'final': final, 'history': history}, indent=1)
     )
   return final
+
+
+def _eval_split(config) -> str:
+  ev = config.evaluators
+  if 'knn' in ev and ev.knn.at_end:
+    return ev.knn.eval_split
+  return ev.classification.split if 'classification' in ev else config.data.eval_split
+
+
+def _format(results: dict[str, float]) -> str:
+  return ', '.join(f'{k} {v:.4f}' for k, v in results.items())
+
+
+def _duration(seconds: float) -> str:
+  m, s = divmod(int(seconds), 60)
+  return f'{m // 60}h{m % 60:02d}m' if m >= 60 else f'{m}m{s:02d}s'
