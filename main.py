@@ -1,99 +1,12 @@
 r"""Entry point: python main.py --config=configs/moco_to_mae.py[:ARGS] --workdir=DIR.
 
-Every config value can be overridden: --config.moma.mask_ratio=0.85 (a misspelt key is an error).
-On a multi-host TPU pod slice or a multi-node GPU cluster, pass --jax_distributed (the same command
-on every host). Re-running the same command in the same workdir resumes from its last checkpoint.
+Every config value can be overridden: --config.moma.mask_ratio=0.85 (a misspelt key is a one-line
+error). On a multi-host TPU pod slice or a multi-node GPU cluster, pass --jax_distributed (the same
+command on every host). Re-running the same command in the same workdir resumes from its last
+checkpoint. The same command line as `moma-train` (moma_jax/cli.py) after `pip install -e .`.
 """
 
-from __future__ import annotations
-
-import logging as logging_std
-import os
-import re
-import sys
-
-# TensorFlow's C++ INFO lines (oneDNN notices), before anything imports it; -v 1 does not undo it.
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')
-
-from absl import app, flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
-
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'config file[:args]', lock_config=True)
-_WORKDIR = flags.DEFINE_string('workdir', None, 'where checkpoints, metrics and exports go')
-_DISTRIBUTED = flags.DEFINE_bool(
-  'jax_distributed', False, 'call jax.distributed.initialize() (multi-host TPU / GPU clusters)'
-)
-flags.mark_flags_as_required(['config', 'workdir'])
-
-
-def _usage_error(message: str) -> None:
-  """One line on stderr and exit code 2: what was wrong with the command line."""
-  print(f'error: {" ".join(message.split())}', file=sys.stderr)
-  sys.exit(2)
-
-
-def parse_flags(argv: list[str]) -> list[str]:
-  """absl flag parsing, with every command-line mistake (a misspelt --config key, a bad value, a
-  config argument get_config rejects) reported in one line instead of a traceback."""
-  try:
-    return flags.FLAGS(argv)
-  except flags.Error as e:
-    lines = [line for line in str(e).splitlines() if line.strip()]
-    if len(lines) > 1 and 'Traceback' in str(e):  # get_config(arg) raised: keep its last line
-      flag = lines[0].split(': ')[0].removeprefix('flag ')
-      _usage_error(f'{flag}: {lines[-1].split(": ", 1)[-1]}')
-    _usage_error(str(e))
-  except (AttributeError, KeyError) as e:  # ml_collections: an override of a key that is not there
-    key = next((a.split('=')[0] for a in argv if a.startswith('--config.')), '--config.KEY')
-    hint = re.search(r'Did you mean "([^"]+)"', str(e))
-    suggestion = f' Did you mean "{hint.group(1)}"?' if hint else ''
-    _usage_error(
-      f'{key}: no such config key.{suggestion} (python main.py --config=FILE --helpfull lists them)'
-    )
-  return []
-
-
-class _OwnInfoOnly(logging_std.Filter):
-  """Keeps warnings and errors from everyone, but INFO lines only from this project: orbax,
-  tensorstore, clu and friends log hundreds of INFO lines per run (pass -v 1 to see them)."""
-
-  def __init__(self):
-    super().__init__()
-    import convert
-    import moma_jax
-
-    self._ours = tuple(
-      os.path.dirname(os.path.abspath(m.__file__)) + os.sep for m in (moma_jax, convert)
-    ) + (os.path.abspath(__file__),)
-
-  def filter(self, record: logging_std.LogRecord) -> bool:
-    return record.levelno >= logging_std.WARNING or record.pathname.startswith(self._ours)
-
-
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  if flags.FLAGS.verbosity < 1:
-    logging.get_absl_handler().python_handler.addFilter(_OwnInfoOnly())
-  import jax
-
-  if _DISTRIBUTED.value:
-    jax.distributed.initialize()
-  from moma_jax import train
-
-  logging.info(
-    'JAX %s, %d processes, devices: %s', jax.__version__, jax.process_count(), jax.devices()
-  )
-  try:
-    final = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except (ValueError, OSError, train.NonFiniteError) as e:
-    # Bad input, a full disk or diverged training: one line, no traceback.
-    logging.error('%s', e)
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
-  if jax.process_index() == 0 and final.get('summary'):
-    print('\n'.join(final['summary']))
-
+from moma_jax.cli import run
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=parse_flags)
+  run()

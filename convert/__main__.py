@@ -88,5 +88,10 @@ def main(argv: list[str] | None = None) -> int:
   return 0
 
 
-if __name__ == '__main__':
+def run() -> None:
+  """Console-script entry point (moma-convert)."""
   sys.exit(main())
+
+
+if __name__ == '__main__':
+  run()
