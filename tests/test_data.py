@@ -133,16 +133,26 @@ def test_other_tfds_dataset_by_name(tmp_path):
       for i in range(n):
         yield i, {'image': rng.randint(0, 256, (40, 30, 3)).astype(np.uint8), 'label': i % 3}
 
-  MomaTinyShapes(data_dir=str(tmp_path)).download_and_prepare()
-  src = sources.open_split('moma_tiny_shapes', 'train', data_dir=str(tmp_path), process_index=0,
-                           process_count=1)  # fmt: skip
+  builder = MomaTinyShapes(data_dir=str(tmp_path / 'tfrecord'))
+  builder.download_and_prepare()  # tfds's default format, TFRecord: sequential reads only
+  open_ = lambda split, d: sources.open_split('moma_tiny_shapes', split, data_dir=str(tmp_path / d),  # noqa: E731
+                                              process_index=0, process_count=1)  # fmt: skip
+  ev = list(
+    pipeline.eval_iterator(open_('test', 'tfrecord'), _views(24, crop='center'), batch_size=3)
+  )
+  assert sum(int(e['mask'].sum()) for e in ev) == 4  # evaluation reads TFRecord as it is
+  src = open_('train', 'tfrecord')
   assert (src.num_examples, src.num_classes) == (9, 3)
+  with pytest.raises(sources.DataError, match='tfds convert_format --dataset_version_dir=') as e:
+    pipeline.train_iterator(src, _views(32), batch_size=6, seed=0)
+  assert '\n' not in str(e.value)
+  # Prepared as ArrayRecord (the message's second way), the same dataset trains and evaluates.
+  MomaTinyShapes(data_dir=str(tmp_path / 'ar')).download_and_prepare(file_format='array_record')
+  src = open_('train', 'ar')
   b = next(pipeline.train_iterator(src, _views(32), batch_size=6, seed=0))
-  assert b['v'].shape == (6, 32, 32, 3)
-  ev = list(pipeline.eval_iterator(
-    sources.open_split('moma_tiny_shapes', 'test', data_dir=str(tmp_path), process_index=0, process_count=1),
-    _views(24, crop='center'), batch_size=3))  # fmt: skip
+  ev = list(pipeline.eval_iterator(open_('test', 'ar'), _views(24, crop='center'), batch_size=3))
   assert sum(int(e['mask'].sum()) for e in ev) == 4
+  assert b['v'].shape == (6, 32, 32, 3) and src.lookup is not None
 
 
 def test_image_folder_handles_awkward_files_and_counts_unreadable(folder):
@@ -236,6 +246,93 @@ def test_resume_at_a_step_across_epochs(folder):
   # Each epoch is a fresh permutation of the 10 files.
   labels = np.concatenate([b['label'] for b in full])
   assert sorted(labels[:10]) == sorted(labels[10:20])
+
+
+def _imagenet(imagenet_dir, process_index=0, process_count=1):
+  return sources.open_split('imagenet2012', 'train', data_dir=imagenet_dir,
+                            process_index=process_index, process_count=process_count)  # fmt: skip
+
+
+def _identities(batches):
+  """One hash per example: with a 'center' view the pixels depend on the example only."""
+  return [_h(im) for b in batches for im in b['id']]
+
+
+_ID_VIEWS = {'id': ViewSpec(size=24, crop='center'), 'v': ViewSpec(size=16, jitter_prob=0.8)}
+
+
+def test_resume_from_any_position_equals_the_uninterrupted_stream(imagenet_dir):
+  """Fake ImageNet through the real tfds builder (ArrayRecord): position 17 is mid-batch and in
+  the second epoch (12 examples); the resumed stream is the uninterrupted one from there on."""
+  src = _imagenet(imagenet_dir)
+  full = _take(pipeline.train_iterator(src, _ID_VIEWS, batch_size=4, seed=5), 10)
+  flat = {k: np.concatenate([b[k] for b in full]) for k in ('id', 'v', 'label')}
+  it = pipeline.train_iterator(src, _ID_VIEWS, batch_size=4, seed=5, start_index=17)
+  resumed = _take(it, 5)
+  assert it.next_index == 37 and it.skipped == 0
+  for k in ('id', 'v', 'label'):
+    np.testing.assert_array_equal(np.concatenate([b[k] for b in resumed]), flat[k][17:37])
+
+
+def test_every_epoch_is_a_fresh_permutation_of_the_whole_split(imagenet_dir):
+  every = {_h(im) for b in pipeline.eval_iterator(_imagenet(imagenet_dir), _ID_VIEWS, batch_size=12)
+           for im in b['id']}  # fmt: skip
+  assert len(every) == 12
+  ids = _identities(_take(pipeline.train_iterator(_imagenet(imagenet_dir), _ID_VIEWS, batch_size=4,
+                                                  seed=0), 9))  # fmt: skip
+  epochs = [ids[:12], ids[12:24], ids[24:]]
+  for e in epochs:
+    assert sorted(e) == sorted(every)  # each example exactly once
+  assert len({tuple(e) for e in epochs}) == 3  # in a different order each epoch
+  other_seed = _identities(_take(pipeline.train_iterator(_imagenet(imagenet_dir), _ID_VIEWS,
+                                                         batch_size=4, seed=1), 3))  # fmt: skip
+  assert other_seed != epochs[0]
+
+
+@pytest.mark.parametrize('process_count', [2, 5])
+def test_hosts_training_streams_are_disjoint_and_cover_the_split(imagenet_dir, process_count):
+  """Each epoch, process p reads positions p, p + P, ... of one permutation of the whole split:
+  disjoint parts, 12 // P each: all 12 for P = 2; for P = 5, 10 of them, not always the same."""
+  per_host = 12 // process_count
+  epochs = [[] for _ in range(3)]
+  for p in range(process_count):
+    src = _imagenet(imagenet_dir, p, process_count)
+    ids = _identities(
+      _take(pipeline.train_iterator(src, _ID_VIEWS, batch_size=per_host, seed=3), 3)
+    )
+    for e in range(3):
+      epochs[e] += ids[e * per_host : (e + 1) * per_host]
+  for e in epochs:
+    assert len(e) == len(set(e)) == per_host * process_count  # disjoint
+  if process_count == 2:
+    assert all(len(set(e)) == 12 for e in epochs)  # covering
+  else:
+    assert len(set(epochs[0]) | set(epochs[1]) | set(epochs[2])) == 12
+
+
+def test_non_local_paths(tmp_path):
+  """Data paths go through tf.io.gfile, never os.path: the fake ImageNet writer and an image
+  folder on TensorFlow's in-memory file system (ram://, like gs:// a URI)."""
+  import tarfile
+
+  import tensorflow as tf
+
+  manual = fake_imagenet.write_manual_dir('ram://moma/manual', num_classes=2, images_per_class=2,
+                                          num_val=1, size=(40, 50))  # fmt: skip
+  with tf.io.gfile.GFile(f'{manual}/ILSVRC2012_img_train.tar', 'rb') as f:
+    with tarfile.open(fileobj=f) as t:
+      assert len(t.getnames()) == 2
+  rng = np.random.RandomState(0)
+  for c in ('a', 'b'):
+    for k in range(3):
+      data = fake_imagenet.jpeg_bytes(rng.randint(0, 256, (30, 40, 3)).astype(np.uint8))
+      tf.io.gfile.makedirs(f'ram://moma/folder/{c}')
+      with tf.io.gfile.GFile(f'ram://moma/folder/{c}/{k}.jpg', 'wb') as f:
+        f.write(data)
+  src = sources.open_split('folder:ram://moma/folder', 'train', process_index=0, process_count=1)
+  assert (src.total_examples, src.num_classes) == (6, 2)
+  b = _take(pipeline.train_iterator(src, _views(16), batch_size=3, seed=0), 4)
+  assert sorted(np.concatenate([x['label'] for x in b[:2]])) == [0, 0, 0, 1, 1, 1]
 
 
 def test_hosts_read_disjoint_parts(imagenet_dir):

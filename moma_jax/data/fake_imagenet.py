@@ -11,28 +11,34 @@ The train set includes the awkward files real ImageNet has: one CMYK JPEG and on
 (under the file names the tfds builder knows and converts), and a grayscale JPEG.
 
   python -m moma_jax.data.fake_imagenet --out /tmp/fake_imagenet_manual
+
+``out`` may be any path tf.io.gfile writes (a local folder, gs://bucket/dir, ...).
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
-import os
 import tarfile
+from collections.abc import Iterator
 
 import numpy as np
+import tensorflow as tf
 from PIL import Image
 
 CMYK_FILE = ('n01739381', 'n01739381_1309.JPEG')
 PNG_FILE = ('n02105855', 'n02105855_2933.JPEG')
 
 
-def _photo(rng: np.random.RandomState, size: tuple[int, int]) -> np.ndarray:
-  """A smooth random colour image [h, w, 3] uint8 (compresses like a photo, not like noise)."""
+def _photo(rng: np.random.RandomState, size: tuple[int, int], noise: int = 12) -> np.ndarray:
+  """A smooth random colour image [h, w, 3] uint8 plus uniform pixel noise in [-noise, noise]
+  (compresses like a photo, not like noise: 500 x 375 at quality 90 is ~60 KB with noise 12,
+  ~110 KB, ImageNet's average file size, with noise 40)."""
   h, w = size
   coarse = rng.randint(0, 256, size=(h // 25 + 2, w // 25 + 2, 3)).astype(np.uint8)
   img = Image.fromarray(coarse).resize((w, h), Image.BICUBIC)
-  noise = rng.randint(-12, 13, size=(h, w, 3))
-  return np.clip(np.asarray(img, np.int32) + noise, 0, 255).astype(np.uint8)
+  speckle = rng.randint(-noise, noise + 1, size=(h, w, 3))
+  return np.clip(np.asarray(img, np.int32) + speckle, 0, 255).astype(np.uint8)
 
 
 def jpeg_bytes(array: np.ndarray, mode: str = 'RGB', fmt: str = 'JPEG', quality: int = 90) -> bytes:
@@ -45,6 +51,28 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
   info = tarfile.TarInfo(name)
   info.size = len(data)
   tar.addfile(info, io.BytesIO(data))
+
+
+class _Counted:
+  """A write-only stream that knows its position (tarfile asks; not every file system answers)."""
+
+  def __init__(self, f):
+    self._f, self._pos = f, 0
+
+  def write(self, data: bytes) -> int:
+    self._f.write(data)
+    self._pos += len(data)
+    return len(data)
+
+  def tell(self) -> int:
+    return self._pos
+
+
+@contextlib.contextmanager
+def _open_tar(folder: str, name: str) -> Iterator[tarfile.TarFile]:
+  with tf.io.gfile.GFile(tf.io.gfile.join(folder, name), 'wb') as f:
+    with tarfile.open(fileobj=_Counted(f), mode='w') as tar:
+      yield tar
 
 
 def _synsets(num_classes: int) -> list[str]:
@@ -64,20 +92,24 @@ def write_manual_dir(
   images_per_class: int = 5,
   num_val: int = 10,
   size: tuple[int, int] = (375, 500),
+  noise: int = 12,
   seed: int = 0,
 ) -> str:
-  """Writes ILSVRC2012_img_{train,val}.tar under ``out``; returns ``out``."""
+  """Writes ILSVRC2012_img_{train,val}.tar under ``out``; returns ``out``.
+
+  Images are ``size`` (h, w); ``noise`` sets their detail, hence file size and decoding cost.
+  """
   if num_classes < 2:
     raise ValueError('num_classes must be >= 2 (the CMYK and PNG synsets)')
-  os.makedirs(out, exist_ok=True)
+  tf.io.gfile.makedirs(out)
   rng = np.random.RandomState(seed)
-  with tarfile.open(os.path.join(out, 'ILSVRC2012_img_train.tar'), 'w') as train:
+  with _open_tar(out, 'ILSVRC2012_img_train.tar') as train:
     for synset in _synsets(num_classes):
       inner = io.BytesIO()
       with tarfile.open(fileobj=inner, mode='w') as t:
         for k in range(images_per_class):
           name = f'{synset}_{k + 1}.JPEG'
-          img = _photo(rng, size)
+          img = _photo(rng, size, noise)
           if k == 0 and synset == CMYK_FILE[0]:
             name, data = CMYK_FILE[1], jpeg_bytes(img, mode='CMYK')
           elif k == 0 and synset == PNG_FILE[0]:
@@ -88,9 +120,9 @@ def write_manual_dir(
             data = jpeg_bytes(img)
           _add(t, name, data)
       _add(train, f'{synset}.tar', inner.getvalue())
-  with tarfile.open(os.path.join(out, 'ILSVRC2012_img_val.tar'), 'w') as val:
+  with _open_tar(out, 'ILSVRC2012_img_val.tar') as val:
     for i in range(num_val):
-      _add(val, f'ILSVRC2012_val_{i + 1:08d}.JPEG', jpeg_bytes(_photo(rng, size)))
+      _add(val, f'ILSVRC2012_val_{i + 1:08d}.JPEG', jpeg_bytes(_photo(rng, size, noise)))
   return out
 
 
@@ -102,9 +134,14 @@ def main() -> None:
   p.add_argument('--num-classes', type=int, default=4)
   p.add_argument('--images-per-class', type=int, default=5)
   p.add_argument('--num-val', type=int, default=10)
+  p.add_argument('--noise', type=int, default=12, help='detail: 40 gives ImageNet-sized files')
   a = p.parse_args()
   write_manual_dir(
-    a.out, num_classes=a.num_classes, images_per_class=a.images_per_class, num_val=a.num_val
+    a.out,
+    num_classes=a.num_classes,
+    images_per_class=a.images_per_class,
+    num_val=a.num_val,
+    noise=a.noise,
   )
   print(f'wrote {a.out}')
 

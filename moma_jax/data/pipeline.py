@@ -1,11 +1,22 @@
 """Host input pipelines: an endless, resumable training stream and a once-through evaluation pass.
 
-Training stream (per process): epoch e is this host's records shuffled with a seed derived from
-(seed, e); epochs are chained; element i of the stream (counted from the start of training) gets
-its augmentation seed from (seed, process, i). The stream is therefore a pure function of
-(seed, i): ``start_index`` resumes it exactly, skipping records (cheap: before decoding) rather than
-replaying the augmentation. Unreadable images are dropped, counted (``skipped``) and logged; they
-never stop a run.
+Training stream (per process): a true global shuffle. Epoch e is a random permutation of the
+*whole* split (``tf.random.experimental.index_shuffle`` with a key from (seed, e): computed per
+index, nothing materialised); process p of P reads positions p, p + P, p + 2P, ... of it, so the
+processes' parts of an epoch are disjoint and cover the split (each reads n_p = total // P per
+epoch; the at most P - 1 positions left over hold other examples each epoch). Stream element i
+(counted from the start of training) is therefore example perm_e(p + P * (i mod n_p)) with
+e = i div n_p, read through the source's random access (``HostSplit.lookup``), and gets its
+augmentation seed from (seed, process, i). The stream is a pure function of (seed, i), and
+``start_index`` resumes it in O(1): no record before it is read. Unreadable images are dropped,
+counted (``skipped``) and logged; they never stop a run.
+
+Why tf.data rather than grain (which requirements.txt therefore no longer lists): the
+augmentations are TensorFlow graph code (augment.py), so a tf.data map runs read, decode and
+augmentation in one C++ thread pool without the GIL; grain would call them per example from
+Python threads or processes. What grain's MapDataset would add (a global per-epoch permutation by
+index_shuffle, random access, per-host sharding) is the few lines below; its ArrayRecord reader
+is the ``array_record`` package that tfds itself depends on and that ``sources`` uses.
 
 Evaluation pass: every example of this host's part exactly once, in order, padded with
 ``mask == False`` examples to the same number of batches on every host.
@@ -20,16 +31,37 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from moma_jax.data import augment
+from moma_jax.data import augment, sources
 from moma_jax.data.augment import ViewSpec
 from moma_jax.data.sources import HostSplit
 
 AUTOTUNE = tf.data.AUTOTUNE
+_SEED_PAD = 498247692  # the word index_shuffle puts before a [2] seed
 
 
 def _example_seed(seed: int, process_index: int, index: tf.Tensor) -> tf.Tensor:
   base = tf.constant([seed, process_index], tf.int64)
   return tf.random.experimental.stateless_fold_in(base, index)
+
+
+def record_index(
+  positions: tf.Tensor, *, seed: int, total: int, process_index: int, process_count: int
+) -> tf.Tensor:
+  """Indices into the whole split (int64 [k]) of this process's stream elements ``positions``.
+
+  Epoch e = position div (total // process_count) is the permutation of [0, total) keyed by the
+  stateless seed (seed, -1 - e) (example seeds are (seed, process >= 0) folded with the position);
+  this process takes its positions process_index, process_index + process_count, ...
+  """
+  per_host = total // process_count
+  epoch, offset = positions // per_host, positions % per_host
+  slots = offset * process_count + process_index
+  # The raw op: tf.random.experimental.index_shuffle pads a [k, 2] seed on the wrong axis (TF
+  # 2.21). The pad word is the wrapper's, so each element equals
+  # index_shuffle(slot, [seed, -1 - epoch], total - 1).
+  fill = lambda value: tf.fill(tf.shape(slots), tf.constant(value, tf.int64))  # noqa: E731
+  keys = tf.stack([fill(_SEED_PAD), fill(seed), -1 - epoch], axis=-1)
+  return tf.raw_ops.RandomIndexShuffle(index=slots, seed=keys, max_index=fill(total - 1), rounds=4)
 
 
 def _options(threads: int | None) -> tf.data.Options:
@@ -75,38 +107,46 @@ def train_iterator(
   batch_size: int,
   seed: int,
   start_index: int = 0,
-  shuffle_buffer: int = 10_000,
-  process_index: int = 0,
+  process_index: int | None = None,
   threads: int | None = None,
 ) -> _Counting:
   """Endless stream of {view: uint8 [b, S, S, 3], 'label': int32 [b]} for this host.
 
   Args:
-    source: this host's records (``sources.open_split``).
+    source: the split (``sources.open_split``), which must allow random access.
     views: the views to make of every example (``ViewSpec`` per name).
     batch_size: per-host batch.
     seed: run seed; the whole stream is a function of it.
     start_index: stream position to start at (``iterator.next_index`` of a previous run).
+    process_index: this process (defaults to the source's; only a check).
+    threads: size of the private tf.data thread pool (None: tf.data's default).
   """
-  n = source.num_examples
-  if n == 0:
-    raise ValueError(f'{source.name}: this host has no examples')
-  start_epoch, offset = divmod(start_index, n)
-  records = source.dataset
-
-  def epoch(e):
-    return records.shuffle(
-      min(shuffle_buffer, n), seed=e * 1_000_003 + seed, reshuffle_each_iteration=False
+  lookup, load = source.random_access()
+  if process_index is None:
+    process_index = source.process_index
+  if process_index != source.process_index:
+    raise ValueError(
+      f'process_index {process_index} differs from the one {source.name} was opened with '
+      f'({source.process_index})'
     )
+  if source.total_examples // source.process_count == 0:
+    raise ValueError(f'{source.name}: fewer examples than the {source.process_count} processes')
+  locate = dict(
+    seed=seed, total=source.total_examples, process_index=process_index,
+    process_count=source.process_count,
+  )  # fmt: skip
 
-  ds = tf.data.Dataset.range(start_epoch, 2**62).flat_map(epoch).skip(offset)
-  ds = ds.enumerate(start=start_index)
+  def fetch(positions):  # a block of stream positions -> their stored records
+    return positions, lookup(record_index(positions, **locate))
 
-  def make(index, ex):
+  def make(index, record):
+    ex = load(record)
     out = augment.make_views(ex['image'], _example_seed(seed, process_index, index), views)
     return {**out, 'label': tf.cast(ex['label'], tf.int32), 'index': index}
 
-  ds = ds.map(make, num_parallel_calls=AUTOTUNE).ignore_errors()
+  ds = tf.data.Dataset.range(start_index, 2**62).batch(sources.LOOKUP_BLOCK)
+  ds = ds.map(fetch, num_parallel_calls=AUTOTUNE).unbatch()
+  ds = ds.map(make, num_parallel_calls=AUTOTUNE).ignore_errors()  # errors drop single examples
   ds = ds.batch(batch_size, drop_remainder=True).prefetch(AUTOTUNE)
   return _Counting(ds.with_options(_options(threads)), start_index, source.name)
 

@@ -1,27 +1,51 @@
 """Where examples come from: tfds datasets, a local image folder, the embedded 'digits_m'.
 
-A source gives this host's part of a split as a finite tf.data.Dataset of
-{'image': encoded bytes (tf.string) or uint8 [H, W, 3], 'label': int64}, in a fixed order and
-*undecoded*: decoding happens in the pipeline, fused with the crop, and skipping records on resume
-is cheap. Each process reads a disjoint part (``tfds.split_for_jax_process`` for tfds; an even
-split of a fixed permutation otherwise).
+A source opens one split for this process and gives two ways in, both *undecoded*
+({'image': encoded bytes (tf.string) or uint8 [H, W, 3], 'label': int64}; decoding happens in the
+pipeline, fused with the crop):
 
-Dataset names:
-  digits_m              the embedded offline dataset (moma_jax.data.embedded)
-  folder:/path/to/dir   class sub-folders of images; DIR/<split>/<class>/* if DIR/<split> exists,
-                        else DIR/<class>/* is the 'train' split
-  anything else         a tfds dataset name (imagenet2012, cifar10, imagenette/320px-v2, ...)
+  random access   ``lookup(indices [k])`` fetches the stored records of any examples of the
+                  *whole* split (0 <= index < total_examples) in one call, then ``load(record)``
+                  turns one record into an example (for a folder: reads the file), both graph
+                  code for tf.data. The training stream (pipeline.train_iterator) reads through
+                  them: a fresh random permutation of the whole split per epoch, each process
+                  taking its own positions of it, so resuming at any stream position costs
+                  nothing. Fetching in blocks keeps Python (tfds's ArrayRecord reader) to one call
+                  per block: a busy training process's GIL is not taken once per image.
+  dataset         this process's part in a fixed order (a finite tf.data.Dataset), for
+                  evaluation: the processes' parts are disjoint and cover the split.
+
+How each source does random access:
+  digits_m              the embedded offline dataset (moma_jax.data.embedded), in memory
+  folder:/path/to/dir   class sub-folders of images, a lookup reads one file; DIR/<split>/<class>/*
+                        if DIR/<split> exists, else DIR/<class>/* is the 'train' split
+  anything else         a tfds dataset name (imagenet2012, cifar10, imagenette/320px-v2, ...),
+                        read from ArrayRecord files through tfds's data source
+                        (``builder.as_data_source``). tfds's default TFRecord format has no
+                        random access: such a copy still serves evaluation, and training stops
+                        with a DataError giving the one command that converts it in place. What
+                        we prepare ourselves (``manual_dir``) is written as ArrayRecord.
+
+Paths may be local or object-store URIs (gs://...): they only go through tf.io.gfile, tfds and
+ArrayRecord's own readers, never os.path.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
+from collections.abc import Callable
 
 import numpy as np
 import tensorflow as tf
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp')
+
+Lookup = Callable[[tf.Tensor], dict[str, tf.Tensor]]  # int64 [k] -> stored records, [k, ...] each
+Load = Callable[[dict[str, tf.Tensor]], dict[str, tf.Tensor]]  # one record -> {'image', 'label'}
+
+
+def _identity(record: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+  return record
 
 
 class DataError(ValueError):
@@ -30,18 +54,49 @@ class DataError(ValueError):
 
 @dataclasses.dataclass
 class HostSplit:
-  """This process's part of a split."""
+  """This process's view of a split (see the module docstring)."""
 
-  dataset: tf.data.Dataset  # finite, fixed order, undecoded
+  dataset: tf.data.Dataset  # this process's part: finite, fixed order, undecoded
   num_examples: int  # in this process's part
   total_examples: int  # across all processes
   num_classes: int
   name: str
+  lookup: Lookup | None = None  # batched random access to the whole split; None: none possible
+  load: Load = _identity  # one record -> one example (graph code, per example)
+  no_random_access: str = ''  # why lookup is None, and what to do
+  process_index: int = 0
+  process_count: int = 1
+
+  def random_access(self) -> tuple[Lookup, Load]:
+    """(``lookup``, ``load``), or a DataError saying how to make the dataset randomly accessible."""
+    if self.lookup is None:
+      raise DataError(self.no_random_access)
+    return self.lookup, self.load
 
 
 def _host_range(n: int, process_index: int, process_count: int) -> tuple[int, int]:
   bounds = np.linspace(0, n, process_count + 1).round().astype(int)
   return int(bounds[process_index]), int(bounds[process_index + 1])
+
+
+LOOKUP_BLOCK = 32  # indices fetched per lookup call
+
+
+def _part(indices: tf.data.Dataset, lookup: Lookup, load: Load = _identity) -> tf.data.Dataset:
+  """The examples at ``indices``, in order, fetched in blocks and loaded in parallel."""
+  par = dict(num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  ds = indices.batch(LOOKUP_BLOCK).map(lookup, **par).unbatch()
+  return ds.map(load, **par)
+
+
+def _gather(columns: dict[str, np.ndarray]) -> Lookup:
+  """Random access to arrays held in memory."""
+  tensors = {k: tf.constant(v) for k, v in columns.items()}
+
+  def lookup(indices: tf.Tensor) -> dict[str, tf.Tensor]:
+    return {k: tf.gather(v, indices) for k, v in tensors.items()}
+
+  return lookup
 
 
 def _embedded(split: str, process_index: int, process_count: int) -> HostSplit:
@@ -50,16 +105,19 @@ def _embedded(split: str, process_index: int, process_count: int) -> HostSplit:
   if split not in ('train', 'test'):
     raise DataError(f"digits_m has splits 'train' and 'test', not {split!r}")
   images, labels = embedded.load(split)
+  lookup = _gather({'image': images, 'label': labels.astype(np.int64)})
   lo, hi = _host_range(len(labels), process_index, process_count)
-  ds = tf.data.Dataset.from_tensor_slices(
-    {'image': images[lo:hi], 'label': labels[lo:hi].astype(np.int64)}
-  )
-  return HostSplit(ds, hi - lo, len(labels), embedded.NUM_CLASSES, f'digits_m/{split}')
+  ds = _part(tf.data.Dataset.range(lo, hi), lookup)
+  return HostSplit(
+    ds, hi - lo, len(labels), embedded.NUM_CLASSES, f'digits_m/{split}', lookup,
+    process_index=process_index, process_count=process_count,
+  )  # fmt: skip
 
 
 def list_image_folder(root: str, split: str) -> tuple[list[str], list[int], list[str]]:
   """(files, labels, class names) of an image folder, files sorted by class then name."""
-  split_dir = os.path.join(root, split)
+  join = tf.io.gfile.join
+  split_dir = join(root, split)
   if not tf.io.gfile.isdir(root):
     raise DataError(f'image folder {root} does not exist')
   if not tf.io.gfile.isdir(split_dir):
@@ -67,46 +125,79 @@ def list_image_folder(root: str, split: str) -> tuple[list[str], list[int], list
       raise DataError(f'image folder {root} has no {split!r} sub-folder ({split_dir})')
     split_dir = root
   classes = sorted(
-    d for d in tf.io.gfile.listdir(split_dir) if tf.io.gfile.isdir(os.path.join(split_dir, d))
+    d.rstrip('/') for d in tf.io.gfile.listdir(split_dir) if tf.io.gfile.isdir(join(split_dir, d))
   )
-  classes = [c.rstrip('/') for c in classes]
   if not classes:
     raise DataError(f'{split_dir} has no class sub-folders; expected {split_dir}/<class>/<image>')
   files, labels = [], []
   for label, c in enumerate(classes):
+    class_dir = join(split_dir, c)
     names = sorted(
-      f
-      for f in tf.io.gfile.listdir(os.path.join(split_dir, c))
-      if f.lower().endswith(IMAGE_EXTENSIONS)
+      f for f in tf.io.gfile.listdir(class_dir) if f.lower().endswith(IMAGE_EXTENSIONS)
     )
     if not names:
       raise DataError(
-        f'class folder {os.path.join(split_dir, c)} holds no images '
-        f'({", ".join(IMAGE_EXTENSIONS)}); add images or remove the folder'
+        f'class folder {class_dir} holds no images ({", ".join(IMAGE_EXTENSIONS)}); add images '
+        'or remove the folder'
       )
-    files += [os.path.join(split_dir, c, f) for f in names]
+    files += [join(class_dir, f) for f in names]
     labels += [label] * len(names)
   return files, labels, classes
 
 
 def _folder(root: str, split: str, process_index: int, process_count: int) -> HostSplit:
   files, labels, classes = list_image_folder(root, split)
-  # A fixed permutation before the per-host split, so every host sees every class.
-  order = np.random.RandomState(0).permutation(len(files))
+  lookup = _gather({'path': np.asarray(files), 'label': np.asarray(labels, np.int64)})
+
+  def load(record: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:  # reads in the parallel map
+    return {'image': tf.io.read_file(record['path']), 'label': record['label']}
+
+  # Evaluation parts: a fixed permutation before the per-host split, so every host sees every class.
+  order = np.random.RandomState(0).permutation(len(files)).astype(np.int64)
   lo, hi = _host_range(len(files), process_index, process_count)
-  part = order[lo:hi]
-  ds = tf.data.Dataset.from_tensor_slices(
-    {'path': np.asarray(files)[part], 'label': np.asarray(labels, np.int64)[part]}
-  )
-  ds = ds.map(lambda ex: {'image': tf.io.read_file(ex['path']), 'label': ex['label']})
-  return HostSplit(ds, hi - lo, len(files), len(classes), f'folder:{root}/{split}')
+  ds = _part(tf.data.Dataset.from_tensor_slices(order[lo:hi]), lookup, load)
+  return HostSplit(
+    ds, hi - lo, len(files), len(classes), f'folder:{root}/{split}', lookup, load,
+    process_index=process_index, process_count=process_count,
+  )  # fmt: skip
 
 
 _PREPARE_IMAGENET = (
   'download ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar from image-net.org into a folder '
   'M, then prepare once with data.manual_dir=M (or: tfds build imagenet2012 --manual_dir=M '
-  '--data_dir=D)'
+  '--data_dir=D --file_format=array_record)'
 )
+
+
+def _tfds_random_access(builder, split: str) -> tuple[Lookup, Load] | None:
+  """(lookup, load) of ``split`` through tfds's ArrayRecord data source; None for TFRecord data.
+
+  A lookup is one Python call per block (ArrayRecord reads the records in C++, in parallel) that
+  returns raw serialized tf.train.Examples; each is parsed in the graph, only 'image' (bytes,
+  undecoded) and 'label'.
+  """
+  import tensorflow_datasets as tfds
+
+  try:
+    records = builder.as_data_source(
+      split, deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES
+    )
+  except NotImplementedError:  # no random-access file format in data_dir
+    return None
+  spec = builder.info.features.tf_example_spec
+  spec = {'image': spec['image'], 'label': spec['label']}
+
+  def read(indices: np.ndarray) -> np.ndarray:
+    return np.asarray(records.__getitems__(indices.tolist()), dtype=object)
+
+  def lookup(indices: tf.Tensor) -> dict[str, tf.Tensor]:
+    raw = tf.numpy_function(read, [indices], tf.string, stateful=False)
+    return {'raw': tf.ensure_shape(raw, indices.shape)}
+
+  def load(record: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+    return tf.io.parse_single_example(record['raw'], spec)
+
+  return lookup, load
 
 
 def _tfds(
@@ -126,16 +217,18 @@ def _tfds(
       f'unknown dataset {name!r}: not a tfds dataset, nor digits_m, nor folder:/path'
     ) from None
   if not builder.is_prepared():
-    if manual_dir:
+    if manual_dir:  # ArrayRecord, so that training can read it in any order
       builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(manual_dir=manual_dir)
+        file_format='array_record',
+        download_config=tfds.download.DownloadConfig(manual_dir=manual_dir),
       )
     elif name.split('/')[0] == 'imagenet2012':
       raise DataError(f'imagenet2012 is not prepared in data_dir={data_dir}: {_PREPARE_IMAGENET}')
     else:
       raise DataError(
         f'{name} is not prepared in data_dir={data_dir}; prepare it once where there is '
-        f'internet: tfds build {name} --data_dir=DIR, then point data.data_dir at DIR'
+        f'internet: tfds build {name} --data_dir=DIR --file_format=array_record, then point '
+        'data.data_dir at DIR'
       )
   splits = builder.info.splits
   if split.split('[')[0] not in splits:
@@ -143,6 +236,17 @@ def _tfds(
   features = builder.info.features
   if 'image' not in features or 'label' not in features:
     raise DataError(f'{name} has no image/label features (it has {", ".join(features)})')
+  total = splits[split].num_examples
+  full_name = f'{name}/{split}'
+  access = _tfds_random_access(builder, split)
+  if access is not None:
+    lo, hi = _host_range(total, process_index, process_count)
+    return HostSplit(
+      _part(tf.data.Dataset.range(lo, hi), *access), hi - lo, total,
+      features['label'].num_classes, full_name, *access, process_index=process_index,
+      process_count=process_count,
+    )  # fmt: skip
+  # TFRecord only: sequential reads serve evaluation; training needs the conversion below.
   host_split = tfds.split_for_jax_process(
     split, process_index=process_index, process_count=process_count
   )
@@ -153,13 +257,16 @@ def _tfds(
     read_config=tfds.ReadConfig(add_tfds_id=False),
   )
   ds = ds.map(lambda ex: {'image': ex['image'], 'label': ex['label']})
-  return HostSplit(
-    ds,
-    splits[host_split].num_examples,
-    splits[split].num_examples,
-    features['label'].num_classes,
-    f'{name}/{split}',
+  why = (
+    f'{name} in {builder.data_dir} is stored as TFRecord, which training cannot read in random '
+    'order; add ArrayRecord files beside it once (pip install apache-beam, then tfds '
+    f'convert_format --dataset_version_dir={builder.data_dir} --out_file_format=array_record) '
+    'or prepare it anew with tfds build --file_format=array_record'
   )
+  return HostSplit(
+    ds, splits[host_split].num_examples, total, features['label'].num_classes, full_name,
+    no_random_access=why, process_index=process_index, process_count=process_count,
+  )  # fmt: skip
 
 
 def open_split(
@@ -171,7 +278,7 @@ def open_split(
   process_index: int | None = None,
   process_count: int | None = None,
 ) -> HostSplit:
-  """Opens this process's part of ``split`` of dataset ``name`` (see the module docstring)."""
+  """Opens ``split`` of dataset ``name`` for this process (see the module docstring)."""
   if process_index is None or process_count is None:
     import jax
 
