@@ -108,7 +108,7 @@ def test_finetune_runlocal_learns(tmp_path):
   with contextlib.redirect_stdout(buf):
     knn.main(['--checkpoint', str(tmp_path / 'export' / 'model'), '--dataset', 'digits_m',
               '--eval_split', 'test', '--resize_ratio', '1'])  # fmt: skip
-  value = float(buf.getvalue().strip().split(': ')[1].rstrip('%'))
+  value = float(re.search(r'knn/top1: ([\d.]+)%', buf.getvalue()).group(1))
   assert 10.0 < value <= 100.0
 
 

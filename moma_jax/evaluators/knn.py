@@ -1,20 +1,59 @@
-"""k-NN classification on frozen features (DINO's protocol): cosine similarity, k nearest
-training examples, votes weighted by exp(similarity / T)."""
+"""k-NN classification on frozen features (DINO's protocol): cosine similarity, the k = 20 nearest
+training examples vote for their class with weight exp(similarity / T), T = 0.07.
+
+Everything stays on the devices, sharded, so the memory bank scales with the number of devices:
+
+* the memory bank (train-split features, unit-normalised, with labels and a validity mask) is a
+  global ``jax.Array`` [N_bank, D] split along N over the mesh's data axes; each eval batch's
+  features are written into each device's own rows (no transfer, no gather to the host);
+* each eval batch is a chunk of queries: the chunk is all-gathered (Q x D), every device scores it
+  against its own bank rows block by block, keeping a running top-k (``jax.lax.top_k`` over the
+  best k so far and the new block), and the per-device top-k's are all-gathered and merged;
+* padding (examples with mask False from the eval iterator, and the unused rows of the bank) has
+  similarity -inf: it is never a neighbour.
+
+Memory per device, in float32 words, with S data-parallel devices, a bank of N rows of width D,
+Q queries per eval batch, bank blocks of B rows (``bank_block``), C classes:
+  bank          N / S * (D + 2)               (features, label, validity; N / S rounded up to
+                                               whole eval batches and blocks)
+  one step      Q * D + Q * (B + k) * 2       (gathered queries; block similarities + running
+                                               top-k with their labels)
+  merge, votes  2 * Q * k * S + Q * C
+ImageNet-1k with ViT-B CLS features (N = 1.28M, D = 768) on 8 devices: 0.49 GB of bank per device
+(twice that for 'cls+mean'), plus ~140 MB per step for Q = 1024, B = 16384 -- where the host
+version held 3.9 GB of features on every host and a 5 GB similarity chunk.
+
+``knn_predict`` is the plain NumPy version (all features on the host), kept as the reference.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import argparse
+import dataclasses
+import functools
+import math
+import os
+import sys
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from moma_jax.data import device, pipeline, sources
 from moma_jax.data.augment import ViewSpec
 from moma_jax.data.mixing import normalize
+from moma_jax.models.pretrained import IMAGENET_MEAN, IMAGENET_STD
 from moma_jax.models.vit import ViT
+
+FeaturesFn = Callable[[Any, jax.Array], jax.Array]
+
+POOLS = ('cls', 'mean', 'cls+mean')
+
+
+# --- the NumPy reference ---------------------------------------------------------------------------
 
 
 def knn_predict(
@@ -27,7 +66,11 @@ def knn_predict(
   temperature: float = 0.07,
   chunk: int = 1024,
 ) -> np.ndarray:
-  """Class scores [N_test, C] from temperature-weighted votes of the k nearest (cosine) neighbours."""
+  """Class scores [N_test, C] from temperature-weighted votes of the k nearest (cosine) neighbours.
+
+  All features on the host, in NumPy: the reference for :func:`knn_scores`, and enough for small
+  data (the small-scale replication).
+  """
 
   def unit(x):
     x = x.astype(np.float32)
@@ -47,52 +90,333 @@ def knn_predict(
   return scores
 
 
-def extract_features(
-  features_fn: Callable[[Any, jax.Array], jax.Array],
-  params: Any,
-  source: sources.HostSplit,
-  view: ViewSpec,
+# --- feature functions -----------------------------------------------------------------------------
+
+
+def pool_tokens(tokens: jax.Array, pool: str = 'cls') -> jax.Array:
+  """Encoded tokens [B, 1 + n, D] (CLS first) -> features: 'cls' [B, D] (the CLS token), 'mean'
+  [B, D] (mean of the patch tokens), 'cls+mean' [B, 2D] (both, concatenated: for encoders trained
+  MAE-style, whose CLS token gets no training signal)."""
+  if pool == 'cls':
+    return tokens[:, 0]
+  if pool == 'mean':
+    return tokens[:, 1:].mean(axis=1)
+  if pool == 'cls+mean':
+    return jnp.concatenate([tokens[:, 0], tokens[:, 1:].mean(axis=1)], axis=-1)
+  raise ValueError(f'features must be one of {", ".join(POOLS)}, not {pool!r}')
+
+
+def encoder_features(
+  model: ViT,
   *,
-  batch_size: int,
-  mesh: jax.sharding.Mesh,
-  data_axes: tuple[str, ...],
-  max_examples: int | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-  """Features [N, D] and labels [N] of every example of a split (all hosts), each counted once."""
-  per_host = device.check_batch_size(batch_size, mesh, data_axes)
-  sharding = device.batch_sharding(mesh, data_axes)
-  it = pipeline.eval_iterator(
-    source, {'image': view}, batch_size=per_host, process_count=jax.process_count()
-  )
-  fn = jax.jit(features_fn)
-  feats, labels = [], []
-  seen = 0
-  for batch in it:
-    g = device.make_global(batch, sharding)
-    f = fn(params, g['image'])
-    f, y, m = multihost_utils.process_allgather((f, g['label'], g['mask']), tiled=True)
-    feats.append(np.asarray(f)[m])
-    labels.append(np.asarray(y)[m])
-    seen += int(m.sum())
-    if max_examples and seen >= max_examples:
-      break
-  return np.concatenate(feats), np.concatenate(labels)
+  pool: str = 'cls',
+  mean: Sequence[float] = IMAGENET_MEAN,
+  std: Sequence[float] = IMAGENET_STD,
+) -> FeaturesFn:
+  """(variables, uint8 images [B, H, W, 3]) -> float32 features of ``model`` on the full image.
 
-
-def cls_features(model: ViT) -> Callable[[Any, jax.Array], jax.Array]:
-  """(variables, uint8 images) -> the CLS token of ``model`` on the full image, [B, D] float32;
-  for a global-pooling classifier, its pre-logits."""
+  Images are normalised with ``mean`` / ``std`` (the model's own input statistics). An encoder
+  gives its final-norm tokens pooled by ``pool`` (see :func:`pool_tokens`): [B, D], or [B, 2D] for
+  'cls+mean'. A global-pooling classifier (``pool='gap'``) gives its pre-logits [B, D] whatever
+  ``pool`` says.
+  """
+  if pool not in POOLS:
+    raise ValueError(f'features must be one of {", ".join(POOLS)}, not {pool!r}')
+  mean, std = tuple(mean), tuple(std)
 
   def fn(variables, images):
-    out, aux = model.apply(variables, normalize(images))
-    feats = aux['pre_logits'] if model.pool == 'gap' else aux['encoded'][:, 0]
+    _, aux = model.apply(variables, normalize(images, mean, std))
+    feats = aux['pre_logits'] if model.pool == 'gap' else pool_tokens(aux['encoded'], pool)
     return feats.astype(jnp.float32)
 
   return fn
 
 
+def cls_features(
+  model: ViT, *, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
+) -> FeaturesFn:
+  """``encoder_features(model, pool='cls', mean=mean, std=std)``: the CLS token [B, D] (or a
+  global-pooling classifier's pre-logits)."""
+  return encoder_features(model, pool='cls', mean=mean, std=std)
+
+
+def pixel_features(max_side: int = 32) -> FeaturesFn:
+  """(ignored, uint8 images [B, H, W, 3]) -> raw pixels [B, h * w * 3] float32, the raw-pixel
+  baseline; images larger than ``max_side`` are first area-resized to ``max_side`` (224 px
+  ImageNet would otherwise need 150k floats per bank row)."""
+
+  def fn(_, images):
+    x = images.astype(jnp.float32)
+    b, h, w, c = x.shape
+    if max(h, w) > max_side:
+      s = max_side / max(h, w)
+      shape = (b, max(1, round(h * s)), max(1, round(w * s)), c)
+      x = jax.image.resize(x, shape, 'linear', antialias=True)
+    return x.reshape(b, -1)
+
+  return fn
+
+
+# --- the sharded memory bank -----------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryBank:
+  """Unit-normalised features of the train split, sharded over ``data_axes`` along N.
+
+  Rows are in no particular order (each device holds the examples of its batch shards); padding
+  rows have ``valid`` False.
+  """
+
+  features: jax.Array  # [N, D] float32
+  labels: jax.Array  # [N] int32
+  valid: jax.Array  # [N] bool
+  mesh: Mesh
+  data_axes: tuple[str, ...]
+  block: int  # rows per device scored per step; divides N / shards
+  num_examples: int  # valid rows
+
+  @property
+  def shards(self) -> int:
+    return _num_shards(self.mesh, self.data_axes)
+
+
+def _num_shards(mesh: Mesh, data_axes: tuple[str, ...]) -> int:
+  return int(np.prod([mesh.shape[a] for a in data_axes]))
+
+
+def _unit(x: jax.Array) -> jax.Array:
+  x = x.astype(jnp.float32)
+  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+class _BankWriter:
+  """Allocates a bank of ``num_batches`` global batches of ``batch_size`` rows (plus padding to a
+  whole number of blocks) and writes each batch's shards into their own devices' rows."""
+
+  def __init__(
+    self, mesh: Mesh, data_axes: tuple[str, ...], batch_size: int, num_batches: int, block: int
+  ):
+    self.mesh, self.data_axes = mesh, data_axes
+    shards = _num_shards(mesh, data_axes)
+    if batch_size % shards:
+      raise ValueError(f'batch of {batch_size} does not split over {shards} devices')
+    self.local_batch = batch_size // shards
+    rows = max(1, num_batches) * self.local_batch
+    self.block = min(block, rows)
+    self.local_rows = math.ceil(rows / self.block) * self.block
+    self.capacity = num_batches
+    self.sharding = NamedSharding(mesh, PartitionSpec(data_axes))
+    self.bank = None
+    self.batches = 0
+    self.count = jnp.zeros((), jnp.int32)
+
+  def _allocate(self, dim: int) -> None:
+    n = self.local_rows * _num_shards(self.mesh, self.data_axes)
+    shapes = ((n, dim), (n,), (n,))
+    dtypes = (jnp.float32, jnp.int32, jnp.bool_)
+    shardings = (NamedSharding(self.mesh, PartitionSpec(self.data_axes, None)),) + (
+      self.sharding,
+    ) * 2
+    zeros = jax.jit(
+      lambda: tuple(jnp.zeros(s, d) for s, d in zip(shapes, dtypes, strict=True)),
+      out_shardings=shardings,
+    )
+    self.bank = zeros()
+    spec, row = PartitionSpec(self.data_axes, None), PartitionSpec(self.data_axes)
+
+    def write(bank, feats, labels, mask, offset):
+      f, y, v = bank
+      f = jax.lax.dynamic_update_slice_in_dim(f, _unit(feats), offset, 0)
+      y = jax.lax.dynamic_update_slice_in_dim(y, labels.astype(jnp.int32), offset, 0)
+      v = jax.lax.dynamic_update_slice_in_dim(v, mask.astype(jnp.bool_), offset, 0)
+      return f, y, v
+
+    sharded = jax.shard_map(
+      write,
+      mesh=self.mesh,
+      in_specs=((spec, row, row), spec, row, row, PartitionSpec()),
+      out_specs=(spec, row, row),
+    )
+    self._write = jax.jit(sharded, donate_argnums=(0,))
+
+  def add(self, feats: jax.Array, labels: jax.Array, mask: jax.Array) -> None:
+    """feats [B, D], labels [B], mask [B]: global arrays sharded over the data axes."""
+    if self.batches >= self.capacity:
+      raise ValueError(f'memory bank is full ({self.capacity} batches)')
+    if self.bank is None:
+      self._allocate(feats.shape[-1])
+    offset = jnp.asarray(self.batches * self.local_batch, jnp.int32)
+    self.bank = self._write(self.bank, feats, labels, mask, offset)
+    self.count = self.count + jnp.sum(mask, dtype=jnp.int32)
+    self.batches += 1
+
+  def finish(self) -> MemoryBank:
+    f, y, v = self.bank
+    return MemoryBank(f, y, v, self.mesh, self.data_axes, self.block, int(self.count))
+
+
+def extract_bank(
+  features_fn: FeaturesFn,
+  params: Any,
+  source: sources.HostSplit,
+  view: ViewSpec,
+  *,
+  batch_size: int,
+  mesh: Mesh,
+  data_axes: tuple[str, ...],
+  max_examples: int | None = None,
+  bank_block: int = 16384,
+) -> MemoryBank:
+  """The memory bank of a split: features [N, D] of every example (all hosts, each once), kept on
+  the devices. ``max_examples`` stops after the batch that reaches it. ``features_fn`` should be
+  jitted (or cheap): it is called once per batch."""
+  per_host = device.check_batch_size(batch_size, mesh, data_axes)
+  sharding = device.batch_sharding(mesh, data_axes)
+  num_batches = max(1, math.ceil(math.ceil(source.total_examples / jax.process_count()) / per_host))
+  if max_examples:
+    num_batches = min(num_batches, math.ceil(max_examples / batch_size))
+  it = pipeline.eval_iterator(
+    source, {'image': view}, batch_size=per_host, process_count=jax.process_count()
+  )
+  writer = _BankWriter(mesh, data_axes, batch_size, num_batches, bank_block)
+  for batch in it:
+    g = device.make_global(batch, sharding)
+    writer.add(features_fn(params, g['image']), g['label'], g['mask'])
+    if writer.batches == num_batches:
+      break
+  return writer.finish()
+
+
+def bank_from_arrays(
+  features: np.ndarray,
+  labels: np.ndarray,
+  *,
+  mesh: Mesh,
+  data_axes: tuple[str, ...],
+  valid: np.ndarray | None = None,
+  batch_size: int | None = None,
+  bank_block: int = 16384,
+) -> MemoryBank:
+  """A memory bank from host arrays features [N, D], labels [N] (the same on every process).
+
+  Rows with ``valid`` False never are neighbours. Written in global batches of ``batch_size``
+  (default: N rounded up to the data-parallel devices), the last one padded.
+  """
+  shards = _num_shards(mesh, data_axes)
+  n = len(labels)
+  valid = np.ones(n, bool) if valid is None else np.asarray(valid, bool)
+  batch_size = batch_size or math.ceil(n / shards) * shards
+  num_batches = max(1, math.ceil(n / batch_size))
+  sharding = device.batch_sharding(mesh, data_axes)
+  writer = _BankWriter(mesh, data_axes, batch_size, num_batches, bank_block)
+  pad = num_batches * batch_size - n
+  features = np.concatenate([features, np.zeros((pad, features.shape[1]), features.dtype)])
+  labels = np.concatenate([labels, np.zeros(pad, labels.dtype)])
+  valid = np.concatenate([valid, np.zeros(pad, bool)])
+  for i in range(num_batches):
+    s = slice(i * batch_size, (i + 1) * batch_size)
+    writer.add(*(jax.device_put(a[s], sharding) for a in (features, labels, valid)))
+  return writer.finish()
+
+
+# --- queries against the bank ----------------------------------------------------------------------
+
+
+@functools.cache
+def _scores_fn(
+  mesh: Mesh,
+  data_axes: tuple[str, ...],
+  block: int,
+  num_classes: int,
+  k: int,
+  temperature: float,
+  precision: jax.lax.Precision,
+):
+  spec, row = PartitionSpec(data_axes, None), PartitionSpec(data_axes)
+
+  def local(queries, feats, labels, valid):
+    q_local = queries.shape[0]
+    q = jax.lax.all_gather(_unit(queries), data_axes, axis=0, tiled=True)  # [Q, D]: every query
+    nq, dim = q.shape
+    blocks = feats.shape[0] // block
+    xs = (
+      feats.reshape(blocks, block, dim),
+      labels.reshape(blocks, block),
+      valid.reshape(blocks, block),
+    )
+
+    def step(best, xs):
+      best_sim, best_label = best  # [Q, k] each: the running top-k
+      f, y, v = xs
+      sim = jnp.dot(q, f.T, precision=precision)  # [Q, block]
+      sim = jnp.where(v[None], sim, -jnp.inf)
+      sim = jnp.concatenate([best_sim, sim], axis=1)
+      lab = jnp.concatenate([best_label, jnp.broadcast_to(y[None], (nq, block))], axis=1)
+      top, idx = jax.lax.top_k(sim, k)
+      return (top, jnp.take_along_axis(lab, idx, axis=1)), None
+
+    init = (jnp.full((nq, k), -jnp.inf, jnp.float32), jnp.zeros((nq, k), jnp.int32))
+    init = jax.lax.pcast(init, data_axes, to='varying')  # the carry differs per device
+    (sim, lab), _ = jax.lax.scan(step, init, xs)
+    # Merge the devices' top-k's: [Q, S * k] -> [Q, k].
+    sim = jax.lax.all_gather(sim, data_axes, axis=1, tiled=True)
+    lab = jax.lax.all_gather(lab, data_axes, axis=1, tiled=True)
+    sim, idx = jax.lax.top_k(sim, k)
+    lab = jnp.take_along_axis(lab, idx, axis=1)
+    weights = jnp.exp(sim / temperature)  # exp(-inf) = 0: fewer than k real neighbours
+    scores = jnp.zeros((nq, num_classes), jnp.float32)
+    scores = scores.at[jnp.arange(nq)[:, None], lab].add(weights)
+    start = jax.lax.axis_index(data_axes) * q_local  # this device's queries
+    return jax.lax.dynamic_slice_in_dim(scores, start, q_local, axis=0)
+
+  sharded = jax.shard_map(
+    local, mesh=mesh, in_specs=(spec, spec, row, row), out_specs=PartitionSpec(data_axes, None)
+  )
+  return jax.jit(sharded)
+
+
+def knn_scores(
+  bank: MemoryBank,
+  queries: jax.Array,
+  *,
+  num_classes: int,
+  k: int = 20,
+  temperature: float = 0.07,
+  precision: jax.lax.Precision = jax.lax.Precision.HIGHEST,
+) -> jax.Array:
+  """Class scores [Q, C] (float32) of queries [Q, D] against the bank: the sum over the k most
+  cosine-similar bank rows of exp(similarity / temperature), per class (same as
+  :func:`knn_predict`).
+
+  ``queries``: a global array (e.g. one eval batch of features) sharded over the bank's data axes
+  (or any array: it is resharded); Q must be a multiple of their devices. The scores come back
+  with the same sharding. ``precision`` of the similarity matmul: HIGHEST (float32) by default,
+  since exp(s / 0.07) turns an error of 1e-3 in s into 1.4% in a vote.
+  """
+  if queries.shape[0] % bank.shards:
+    raise ValueError(f'{queries.shape[0]} queries do not split over {bank.shards} devices')
+  if queries.shape[1] != bank.features.shape[1]:
+    raise ValueError(f'queries have width {queries.shape[1]}, the bank {bank.features.shape[1]}')
+  fn = _scores_fn(
+    bank.mesh, bank.data_axes, bank.block, num_classes, k, float(temperature), precision
+  )
+  queries = jax.device_put(queries, NamedSharding(bank.mesh, PartitionSpec(bank.data_axes, None)))
+  return fn(queries, bank.features, bank.labels, bank.valid)
+
+
+@jax.jit
+def _count_correct(scores: jax.Array, labels: jax.Array, mask: jax.Array) -> jax.Array:
+  hit = (jnp.argmax(scores, axis=1) == labels) & mask
+  return jnp.stack([jnp.sum(hit, dtype=jnp.int32), jnp.sum(mask, dtype=jnp.int32)])
+
+
 class KnnEvaluator:
-  """Periodic k-NN top-1 of an encoder: train-split features as the memory bank, eval split queried."""
+  """Periodic k-NN top-1 of an encoder: train-split features as the memory bank, eval split queried.
+
+  Memory per device: see the module docstring (the bank is split over the data-parallel devices;
+  each eval batch of ``batch_size`` queries is scored in blocks of ``bank_block`` bank rows).
+  """
 
   def __init__(
     self,
@@ -102,67 +426,151 @@ class KnnEvaluator:
     eval_split: str,
     image_size: int,
     batch_size: int,
-    mesh: jax.sharding.Mesh,
+    mesh: Mesh,
     data_axes: tuple[str, ...],
     data_dir: str | None = None,
     k: int = 20,
     temperature: float = 0.07,
     max_train_examples: int | None = None,
     resize_ratio: float = 256 / 224,
+    bank_block: int = 16384,
   ):
     self.train = sources.open_split(dataset, train_split, data_dir=data_dir)
     self.test = sources.open_split(dataset, eval_split, data_dir=data_dir)
     self.view = ViewSpec(size=image_size, crop='center', resize_ratio=resize_ratio)
-    self.kw = dict(batch_size=batch_size, mesh=mesh, data_axes=data_axes)
+    self.batch_size, self.mesh, self.data_axes = batch_size, mesh, data_axes
     self.k, self.temperature = k, temperature
     self.max_train = max_train_examples
+    self.bank_block = bank_block
+
+  @property
+  def num_classes(self) -> int:
+    return self.train.num_classes
 
   def run(
-    self, features_fn: Callable[[Any, jax.Array], jax.Array], params: Any, prefix: str = 'knn'
+    self, features_fn: FeaturesFn, params: Any, prefix: str = 'knn'
   ) -> Iterator[tuple[str, float]]:
-    """features_fn(params, uint8 images [B, H, W, 3]) -> [B, D]; ``params`` any pytree."""
-    tr_f, tr_y = extract_features(
-      features_fn, params, self.train, self.view, max_examples=self.max_train, **self.kw
+    """features_fn(params, uint8 images [B, H, W, 3]) -> [B, D]; ``params`` any pytree.
+
+    Yields (f'{prefix}/top1', accuracy over every example of the eval split).
+    """
+    fn = jax.jit(features_fn)
+    bank = extract_bank(
+      fn, params, self.train, self.view, batch_size=self.batch_size, mesh=self.mesh,
+      data_axes=self.data_axes, max_examples=self.max_train, bank_block=self.bank_block,
+    )  # fmt: skip
+    per_host = device.check_batch_size(self.batch_size, self.mesh, self.data_axes)
+    sharding = device.batch_sharding(self.mesh, self.data_axes)
+    it = pipeline.eval_iterator(
+      self.test, {'image': self.view}, batch_size=per_host, process_count=jax.process_count()
     )
-    te_f, te_y = extract_features(features_fn, params, self.test, self.view, **self.kw)
-    scores = knn_predict(
-      tr_f, tr_y, te_f, num_classes=self.train.num_classes, k=self.k, temperature=self.temperature
-    )
-    yield f'{prefix}/top1', float((scores.argmax(1) == te_y).mean())
+    counts = jnp.zeros(2, jnp.int32)  # (correct, examples), summed on device
+    for batch in it:
+      g = device.make_global(batch, sharding)
+      scores = knn_scores(
+        bank, fn(params, g['image']), num_classes=self.num_classes, k=self.k,
+        temperature=self.temperature,
+      )  # fmt: skip
+      counts = counts + _count_correct(scores, g['label'], g['mask'])
+    correct, total = (int(c) for c in np.asarray(counts))
+    yield f'{prefix}/top1', correct / max(total, 1)
 
 
-def main(argv: list[str] | None = None) -> int:
-  """Standalone: python -m moma_jax.evaluators.knn --checkpoint DIR --dataset NAME [...]."""
-  import argparse
+# --- the standalone command ------------------------------------------------------------------------
 
-  from moma_jax import sharding
-  from moma_jax.models.pretrained import load_pretrained
 
-  p = argparse.ArgumentParser(description='k-NN top-1 of an encoder checkpoint (CLS features)')
-  p.add_argument('--checkpoint', required=True, help='converted or exported checkpoint directory')
+def default_splits(dataset: str, data_dir: str | None = None) -> tuple[str, str, float]:
+  """(train split, eval split, resize ratio) for a dataset name: digits_m train/test at 1.0; an
+  image folder's val / validation / test sub-folder; a tfds dataset's 'validation' split if it
+  has one, else 'test' (both at the usual 256/224 resize before the center crop)."""
+  if dataset == 'digits_m':
+    return 'train', 'test', 1.0
+  if dataset.startswith('folder:'):
+    root = dataset[len('folder:') :]
+    for split in ('val', 'validation', 'test'):
+      if os.path.isdir(os.path.join(root, split)):
+        return 'train', split, 256 / 224
+    return 'train', 'validation', 256 / 224
+  try:
+    import tensorflow_datasets as tfds
+
+    splits = tfds.builder(dataset, data_dir=data_dir).info.splits
+  except Exception:  # unknown or unprepared: open_split then says what is wrong
+    splits = {}
+  return (
+    'train',
+    ('test' if 'validation' not in splits and 'test' in splits else 'validation'),
+    256 / 224,
+  )
+
+
+def _parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(
+    prog='python -m moma_jax.evaluators.knn',
+    description='k-NN top-1 (k=20, T=0.07, cosine; DINO protocol) of an encoder checkpoint, next '
+    'to the raw-pixel and chance baselines',
+  )
+  p.add_argument(
+    '--checkpoint', required=True, help='converted directory, or a PyTorch .pth / .pth.tar'
+  )
   p.add_argument('--dataset', default='imagenet2012', help='digits_m, folder:/path or a tfds name')
   p.add_argument('--data_dir', default=None)
-  p.add_argument('--train_split', default='train')
-  p.add_argument('--eval_split', default='validation')
+  p.add_argument('--train_split', default=None, help="default: 'train'")
+  p.add_argument(
+    '--eval_split', default=None, help="default: the dataset's validation or test split"
+  )
+  p.add_argument('--features', default='cls+mean', choices=POOLS, help='token pooling (encoders)')
   p.add_argument('--batch_size', type=int, default=256)
   p.add_argument('--k', type=int, default=20)
   p.add_argument('--temperature', type=float, default=0.07)
   p.add_argument('--max_train', type=int, default=0, help='cap on the memory bank (0: all)')
-  p.add_argument('--resize_ratio', type=float, default=256 / 224)
-  a = p.parse_args(argv)
-  loaded = load_pretrained(a.checkpoint)
-  model = loaded.model.clone(num_classes=0)  # the head (if any) is dropped from params below
-  mesh = sharding.make_mesh({'data': -1})
-  ev = KnnEvaluator(
-    dataset=a.dataset, train_split=a.train_split, eval_split=a.eval_split,
-    image_size=model.image_size, batch_size=a.batch_size, mesh=mesh, data_axes=('data',),
-    data_dir=a.data_dir, k=a.k, temperature=a.temperature, max_train_examples=a.max_train or None,
-    resize_ratio=a.resize_ratio,
-  )  # fmt: skip
+  p.add_argument(
+    '--resize_ratio', type=float, default=None, help='default: 1 for digits_m, else 256/224'
+  )
+  p.add_argument('--baselines', action=argparse.BooleanOptionalAction, default=True,
+                 help='also report raw-pixel k-NN and chance')  # fmt: skip
+  return p
+
+
+def main(argv: list[str] | None = None) -> int:
+  """python -m moma_jax.evaluators.knn --checkpoint CKPT --dataset NAME [...]; exit 2 with a
+  one-line error on bad input."""
+  from moma_jax import builders, sharding
+
+  a = _parser().parse_args(argv)
+  try:
+    train_split, eval_split, ratio = default_splits(a.dataset, a.data_dir)
+    train_split, eval_split = a.train_split or train_split, a.eval_split or eval_split
+    ratio = a.resize_ratio if a.resize_ratio is not None else ratio
+    loaded = builders.load_checkpoint(a.checkpoint)
+    model = loaded.model.clone(num_classes=0)  # the head (if any) is dropped from params below
+    mean = tuple(loaded.metadata.get('mean', IMAGENET_MEAN))
+    std = tuple(loaded.metadata.get('std', IMAGENET_STD))
+    features = encoder_features(model, pool=a.features, mean=mean, std=std)
+    mesh = sharding.make_mesh({'data': -1})
+    device.check_batch_size(a.batch_size, mesh, ('data',))
+    ev = KnnEvaluator(
+      dataset=a.dataset, train_split=train_split, eval_split=eval_split,
+      image_size=model.image_size, batch_size=a.batch_size, mesh=mesh, data_axes=('data',),
+      data_dir=a.data_dir, k=a.k, temperature=a.temperature,
+      max_train_examples=a.max_train or None, resize_ratio=ratio,
+    )  # fmt: skip
+  except (OSError, ValueError, KeyError) as e:  # DataError, CheckpointMismatchError are ValueErrors
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    print(f'error: {msg}', file=sys.stderr)
+    return 2
 
   params = {'params': {k: v for k, v in loaded.params['params'].items() if k != 'head'}}
-  for name, value in ev.run(cls_features(model), params):
-    print(f'{name}: {100 * value:.2f}%')
+  top1 = dict(ev.run(features, params))['knn/top1']
+  line = f'knn/top1: {100 * top1:.2f}%'
+  if a.baselines:
+    pixels = dict(ev.run(pixel_features(), None))['knn/top1']
+    line += f'  raw pixels: {100 * pixels:.2f}%  chance: {100 / ev.num_classes:.2f}%'
+  pool = 'pre-logits' if model.pool == 'gap' else a.features
+  print(
+    f'{line}  ({a.dataset} {train_split} -> {eval_split}, {ev.test.total_examples} queries, '
+    f'k={a.k}, T={a.temperature}, {pool} features)'
+  )
   return 0
 
 

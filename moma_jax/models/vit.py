@@ -7,12 +7,20 @@ The encoder can run on a subset of patches: given per-example indices of the vis
 gathers those patches *as pixels*, before the patch embedding, together with their position
 embeddings, and runs the blocks on CLS + visible tokens only (MAE-style; the backward pass then has
 no scatter).
+
+Memory and compile time for deep models (L/16, H/14): ``remat='block'`` rematerialises each block
+in the backward pass, ``scan_blocks=True`` runs the blocks as one ``nn.scan`` over stacked
+parameters (``blocks/...`` with a leading depth axis). The unscanned layout
+(``blocks_0 ... blocks_{depth-1}``) stays the canonical one of conversion and checkpoints:
+:func:`stack_block_params` / :func:`unstack_block_params` move between the two.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
+from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -185,7 +193,11 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
-  """Pre-norm transformer block: x + attn(norm1(x)); x + mlp(norm2(x)); with drop path."""
+  """Pre-norm transformer block: x + attn(norm1(x)); x + mlp(norm2(x)); with drop path.
+
+  ``drop_rate`` (a traced scalar) overrides the static ``drop_path`` rate; the scanned ViT passes
+  each block's rate this way, with ``drop_path`` > 0 saying that drop path is on at all.
+  """
 
   num_heads: int
   mlp_dim: int
@@ -194,15 +206,82 @@ class Block(nn.Module):
   attention_impl: str | None = None
 
   @nn.compact
-  def __call__(self, x: Array, train: bool = False) -> Array:
+  def __call__(self, x: Array, train: bool = False, drop_rate: Array | None = None) -> Array:
     # Stochastic depth: drop the whole residual branch per example, rescaled (timm's DropPath).
-    drop = nn.Dropout(self.drop_path, broadcast_dims=(1, 2), deterministic=not train)
+    if drop_rate is None:
+      drop = nn.Dropout(self.drop_path, broadcast_dims=(1, 2), deterministic=not train)
+    else:
+
+      def drop(y):
+        return self._drop_path(y, drop_rate, train)
+
     y = nn.LayerNorm(epsilon=LN_EPS, dtype=self.dtype, name='norm1')(x)
     y = Attention(self.num_heads, self.dtype, self.attention_impl, name='attn')(y)
     x = x + drop(y)
     y = nn.LayerNorm(epsilon=LN_EPS, dtype=self.dtype, name='norm2')(x)
     y = Mlp(self.mlp_dim, self.dtype, name='mlp')(y)
     return x + drop(y)
+
+  def _drop_path(self, y: Array, rate: Array, train: bool) -> Array:
+    """nn.Dropout(rate, broadcast_dims=(1, 2)) with a traced rate."""
+    if not train or self.drop_path == 0.0:
+      return y
+    keep = 1.0 - rate
+    mask = jax.random.bernoulli(self.make_rng('dropout'), keep, (y.shape[0], 1, 1))
+    # The max() keeps the untaken branch finite (and its gradient NaN-free) at rate 1.
+    return jnp.where(mask, y / jnp.maximum(keep, 1e-6).astype(y.dtype), jnp.zeros_like(y))
+
+
+def _block_class(remat: str, policy: str) -> type[Block]:
+  if remat == 'none':
+    return Block
+  if remat != 'block':
+    raise ValueError(f"remat must be 'none' or 'block', got {remat!r}")
+  if not hasattr(jax.checkpoint_policies, policy):
+    raise ValueError(f'remat_policy {policy!r} is not in jax.checkpoint_policies')
+  # static_argnums counts self: (self, x, train, drop_rate).
+  return nn.remat(Block, policy=getattr(jax.checkpoint_policies, policy), static_argnums=(2,))
+
+
+def _scan_body(block: Block, x: Array, rate: Array, train: bool) -> tuple[Array, Array]:
+  x = block(x, train, rate)
+  return x, x  # carry, and the per-block output stacked by the scan (aux['block_i'])
+
+
+def stack_block_params(params: Mapping[str, Any], depth: int | None = None) -> dict[str, Any]:
+  """Canonical ``blocks_0 ... blocks_{d-1}`` -> scanned ``blocks`` (leading axis of size d).
+
+  ``params`` is a ViT's parameter dict or a variables dict ``{'params': ...}``; other entries pass
+  through. ``depth`` (optional) is checked against the number of blocks found.
+  """
+  if 'params' in params and not any(k.startswith('blocks') for k in params):
+    return {**params, 'params': stack_block_params(params['params'], depth)}
+  found = sorted(int(k.split('_')[1]) for k in params if re.fullmatch(r'blocks_\d+', k))
+  if found != list(range(len(found))) or (depth is not None and len(found) != depth):
+    raise ValueError(
+      f'expected blocks_0 ... blocks_{(depth or len(found)) - 1}, found {len(found)} blocks '
+      f'({", ".join(f"blocks_{i}" for i in found[:4])}{", ..." if len(found) > 4 else ""})'
+    )
+  out = {k: v for k, v in params.items() if not re.fullmatch(r'blocks_\d+', k)}
+
+  def stack(*xs):  # NumPy stays on the host (a checkpoint being loaded), arrays on their devices
+    return np.stack(xs) if all(isinstance(x, np.ndarray) for x in xs) else jnp.stack(xs)
+
+  out['blocks'] = jax.tree.map(stack, *[params[f'blocks_{i}'] for i in found])
+  return out
+
+
+def unstack_block_params(params: Mapping[str, Any]) -> dict[str, Any]:
+  """Scanned ``blocks`` (leading depth axis) -> canonical ``blocks_0 ... blocks_{d-1}``."""
+  if 'params' in params and 'blocks' not in params:
+    return {**params, 'params': unstack_block_params(params['params'])}
+  if 'blocks' not in params:
+    raise ValueError(f'no scanned blocks in params (keys: {", ".join(params)})')
+  depth = jax.tree.leaves(params['blocks'])[0].shape[0]
+  out = {k: v for k, v in params.items() if k != 'blocks'}
+  for i in range(depth):
+    out[f'blocks_{i}'] = jax.tree.map(lambda x, i=i: x[i], params['blocks'])
+  return out
 
 
 class ViT(nn.Module):
@@ -217,6 +296,17 @@ class ViT(nn.Module):
     drop_path: maximum stochastic-depth rate, linearly increasing over blocks.
     dtype: compute dtype of matmuls (parameters stay float32).
     attention_impl: passed to ``jax.nn.dot_product_attention`` (None, 'xla' or 'cudnn').
+    remat: 'none', or 'block' to recompute each block's activations in the backward pass
+      (``nn.remat``; only the block inputs are kept, under ``remat_policy``).
+    remat_policy: name of a ``jax.checkpoint_policies`` entry; the default 'nothing_saveable'
+      saves the most memory (one extra block forward in the backward pass);
+      'dots_with_no_batch_dims_saveable' keeps the matmul outputs instead.
+    scan_blocks: run the blocks as one ``nn.scan`` over stacked parameters ``blocks/...`` with a
+      leading depth axis (one compiled block: faster compiles for L/H). Parameters differ in
+      layout only: :func:`stack_block_params` / :func:`unstack_block_params` convert from / to
+      the canonical ``blocks_i`` layout. Outputs and ``aux['block_i']`` are the same (the scan
+      stacks every block's output; under jit, outputs nobody reads are dropped, so a frozen
+      teacher keeps no per-block copies); drop path draws different (equally distributed) masks.
   """
 
   width: int
@@ -231,6 +321,9 @@ class ViT(nn.Module):
   drop_path: float = 0.0
   dtype: DType = jnp.float32
   attention_impl: str | None = None
+  remat: str = 'none'
+  remat_policy: str = 'nothing_saveable'
+  scan_blocks: bool = False
 
   @property
   def grid(self) -> tuple[int, int]:
@@ -285,17 +378,33 @@ class ViT(nn.Module):
     x = jnp.concatenate([cls, x], axis=1)
 
     aux: dict[str, Array] = {}
-    rates = np.linspace(0.0, self.drop_path, self.depth) if self.depth else []
-    for i in range(self.depth):
-      x = Block(
-        self.num_heads,
-        self.mlp_dim,
-        float(rates[i]),
-        self.dtype,
-        self.attention_impl,
-        name=f'blocks_{i}',
-      )(x, train=train)
-      aux[f'block_{i}'] = x
+    rates = np.linspace(0.0, self.drop_path, self.depth) if self.depth else np.zeros(0)
+    block_cls = _block_class(self.remat, self.remat_policy)
+    if self.scan_blocks and self.depth:
+      scan = nn.scan(
+        functools.partial(_scan_body, train=train),
+        variable_axes={'params': 0},
+        split_rngs={'params': True, 'dropout': True},
+        length=self.depth,
+      )
+      block = block_cls(
+        self.num_heads, self.mlp_dim, self.drop_path, self.dtype, self.attention_impl,
+        name='blocks',
+      )  # fmt: skip
+      x, per_block = scan(block, x, jnp.asarray(rates, jnp.float32))
+      for i in range(self.depth):
+        aux[f'block_{i}'] = per_block[i]
+    else:
+      for i in range(self.depth):
+        x = block_cls(
+          self.num_heads,
+          self.mlp_dim,
+          float(rates[i]),
+          self.dtype,
+          self.attention_impl,
+          name=f'blocks_{i}',
+        )(x, train)
+        aux[f'block_{i}'] = x
 
     if self.pool == 'cls':
       x = nn.LayerNorm(epsilon=LN_EPS, dtype=self.dtype, name='norm')(x)
