@@ -104,6 +104,9 @@ def knn_evaluator(**overrides: Any) -> ml_collections.ConfigDict:
     max_train=0,  # 0: the whole train split as the memory bank
     batch_size=1024, teachers=False, raw_pixels=False,
     before=True,  # with at_end: also evaluate the model at step 0, for the final summary
+    # ViT features: 'cls', 'mean' (of patch tokens) or 'cls+mean' (both: MAE-style encoders do
+    # not train their CLS token, so 'cls' alone would judge them unfairly)
+    features='cls+mean',
   )  # fmt: skip
   e.update(overrides)
   return ml_collections.ConfigDict(e)
@@ -154,9 +157,13 @@ def moma_config(name: str, args: ml_collections.ConfigDict) -> ml_collections.Co
     strong=dict(size=224, scale=(0.2, 1.0), share_crop_with='teacher', jitter_prob=0.8,
                 grayscale_prob=0.2, blur_prob=1.0, solarize_prob=0.0),
   )  # fmt: skip
-  c.student = dict(checkpoint='', variant='B/16', dtype='float32', drop_path=0.0, **NORM)
+  # remat='block' rematerialises each student block in the backward pass (less memory, more FLOPs).
+  c.student = dict(
+    checkpoint='', variant='B/16', dtype='float32', drop_path=0.0, remat='none', **NORM
+  )
   c.teachers = ml_collections.ConfigDict()
   c.teacher_dtype = 'float32'
+  c.teacher_scan = False  # nn.scan over the teachers' blocks: one compiled block (L/16, H/14)
   c.moma = dict(
     mask_ratio=0.9,
     align='both',  # 'cls' | 'patch' | 'both'
@@ -256,6 +263,7 @@ def pretrain_config(
   c.model = dict(
     variant=args.get('variant', 'B/16'),
     checkpoint=args.get('checkpoint', ''),  # continue from a converted checkpoint (MAE: _full)
+    fresh_decoder=False,  # True: accept a checkpoint without MAE decoder, train a new decoder
     dtype='float32',
     drop_path=0.0,
     decoder_width=512,

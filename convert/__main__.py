@@ -26,8 +26,15 @@ def _triple(text: str) -> tuple[float, float, float]:
   return values
 
 
+class _Parser(argparse.ArgumentParser):
+  def error(self, message: str):
+    """Usage errors in one line (argparse prints the usage block too), exit code 2."""
+    print(f'error: {message} (python -m convert --help)', file=sys.stderr)
+    sys.exit(2)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(prog='python -m convert', description=__doc__.split('\n')[0])
+  p = _Parser(prog='python -m convert', description=__doc__.split('\n')[0])
   p.add_argument('--src', required=True, help='PyTorch/safetensors file, or a converted directory')
   p.add_argument('--dst', required=True, help='output directory (import) or file (export)')
   p.add_argument(
@@ -85,6 +92,9 @@ def main(argv: list[str] | None = None) -> int:
   except ConvertError as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
+  except OSError as e:  # the destination cannot be written (read-only, a file in the way, full)
+    print(f'error: cannot write {args.dst}: {e}', file=sys.stderr)
+    return 1
   return 0
 
 

@@ -59,6 +59,11 @@ def input_norm(cfg: ml_collections.ConfigDict, loaded: pretrained.Pretrained | N
 
 def _encoder(loaded: pretrained.Pretrained, what: str) -> vit.ViT:
   m = loaded.model
+  if not isinstance(m, vit.ViT):
+    raise ValueError(
+      f'{what} holds a {type(m).__name__} ({loaded.metadata.get("variant") or "custom"}), but a '
+      'ViT is needed here'
+    )
   if m.num_classes or m.pool != 'cls':
     raise ValueError(
       f'{what} is a classifier (pool={m.pool}, {m.num_classes} classes); an encoder is needed '
@@ -95,12 +100,12 @@ def build_moma(config: ml_collections.ConfigDict) -> tuple[Moma, dict[str, Any],
   sc = config.student
   if sc.checkpoint:
     loaded = load_checkpoint(sc.checkpoint, dtype=dtype(sc.dtype), drop_path=sc.drop_path)
-    student = _encoder(loaded, f'student checkpoint {sc.checkpoint}')
+    student = _encoder(loaded, f'student checkpoint {sc.checkpoint}').clone(remat=sc.remat)
     student_params = loaded.params['params']
     student_norm = input_norm(sc, loaded)
     notes.append(f'student: {sc.checkpoint} ({loaded.metadata.get("variant")})')
   else:
-    student = _from_variant(sc.variant, size, sc.dtype, sc.drop_path)
+    student = _from_variant(sc.variant, size, sc.dtype, sc.drop_path).clone(remat=sc.remat)
     student_params = None
     student_norm = input_norm(sc)
     notes.append(f'student: randomly initialised {sc.variant}')
@@ -123,6 +128,9 @@ def build_moma(config: ml_collections.ConfigDict) -> tuple[Moma, dict[str, Any],
         f'teacher {name}: RANDOMLY INITIALISED {tc.variant} (no checkpoint given): this run '
         'exercises the code, it does not distil a real self-supervised teacher'
       )
+    if config.teacher_scan:  # the same weights, stacked for nn.scan (tested equal to the plain ViT)
+      model = model.clone(scan_blocks=True)
+      frozen[name] = vit.stack_block_params(frozen[name], model.depth)
     teachers[name] = Teacher(model, tc.weight, tc.student_view, source, norm)
   m = config.moma
   objective = Moma(

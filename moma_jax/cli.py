@@ -45,6 +45,8 @@ def parse_flags(argv: list[str]) -> list[str]:
       flag = lines[0].split(': ')[0].removeprefix('flag ')
       _usage_error(f'{flag}: {lines[-1].split(": ", 1)[-1]}')
     _usage_error(str(e))
+  except OSError as e:  # the config file itself
+    _usage_error(f'--config: {e}')
   except (AttributeError, KeyError) as e:  # ml_collections: an override of a key that is not there
     key = next((a.split('=')[0] for a in argv if a.startswith('--config.')), '--config.KEY')
     hint = re.search(r'Did you mean "([^"]+)"', str(e))
@@ -85,8 +87,12 @@ def _resolve_config_arg(argv: list[str]) -> list[str]:
         candidate = os.path.join(
           os.path.dirname(configs.__file__), name if name.endswith('.py') else f'{name}.py'
         )
-        if os.path.isfile(candidate):
-          a = f'--config={candidate}{colon}{args}'
+        if not os.path.isfile(candidate):  # absl would defer this error to the first use
+          _usage_error(
+            f'--config={path}: no such config file; give a path such as '
+            'configs/moco_to_mae.py[:ARGS] or the name of one in configs/, e.g. moco_to_mae'
+          )
+        a = f'--config={candidate}{colon}{args}'
     out.append(a)
   return out
 
@@ -94,6 +100,13 @@ def _resolve_config_arg(argv: list[str]) -> list[str]:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  from moma_jax import validate
+
+  config = _CONFIG.value
+  try:  # before JAX is imported and before anything is written
+    validate.validate(config, _WORKDIR.value)
+  except validate.ConfigError as e:
+    _usage_error(str(e))
   if flags.FLAGS.verbosity < 1:
     logging.get_absl_handler().python_handler.addFilter(_OwnInfoOnly())
   import jax
@@ -106,12 +119,12 @@ def main(argv):
     'JAX %s, %d processes, devices: %s', jax.__version__, jax.process_count(), jax.devices()
   )
   try:
-    final = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except (ValueError, OSError, train.NonFiniteError) as e:
-    # Bad input, a full disk or diverged training: one line, no traceback.
-    logging.error('%s', e)
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
+    final = train.train_and_evaluate(config, _WORKDIR.value)
+  except ValueError as e:  # bad input found by the trainer (data, checkpoint shapes): usage
+    _usage_error(str(e))
+  except (OSError, train.NonFiniteError) as e:  # a full disk, a lost bucket, diverged training
+    print(f'error: {" ".join(str(e).split())}', file=sys.stderr)
+    sys.exit(1)
   if jax.process_index() == 0 and final.get('summary'):
     print('\n'.join(final['summary']))
 

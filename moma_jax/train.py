@@ -32,7 +32,7 @@ from jax.experimental import multihost_utils
 from moma_jax import builders, checkpointing, flops, optim, sharding, storage, summary
 from moma_jax.data import device, pipeline, sources
 from moma_jax.evaluators.classification import ClassificationEvaluator
-from moma_jax.evaluators.knn import KnnEvaluator, cls_features
+from moma_jax.evaluators.knn import KnnEvaluator, encoder_features, pixel_features
 from moma_jax.models import pretrained, resnet, vit
 
 
@@ -176,23 +176,26 @@ def make_evaluations(config, objective, mesh, data_axes) -> list[Evaluation]:
         batch_size=ec.batch_size, max_train_examples=ec.max_train or None, **common,
       )  # fmt: skip
 
+      pool = ec.get('features', 'cls')
+
       # Built once, so every periodic evaluation hits jit's cache instead of recompiling.
-      def features(a, x):
-        return objective.features(*a, x)
+      def features(a, x, pool=pool):
+        return objective.features(*a, x, pool=pool)
 
       def run(state, frozen, ev=ev, features=features):
         return ev.run(features, (state.params, state.extra, frozen), 'knn/model')
 
-      def final(state, frozen, ev=ev, ec=ec):
+      def final(state, frozen, ev=ev, ec=ec, pool=pool):
         if ec.get('teachers') and hasattr(objective, 'teachers'):
           for t_name, t in objective.teachers.items():
-            fn = cls_features(t.model, mean=t.input_norm.mean, std=t.input_norm.std)
+            n = t.input_norm
+            fn = encoder_features(t.model, pool=pool, mean=n.mean, std=n.std)
             yield from ev.run(fn, frozen[t_name], f'knn/teacher_{t_name}')
         for tag, fn in getattr(objective, 'extra_features', dict)().items():  # MOKD's CNN
           run_fn = lambda a, x, fn=fn: fn(*a, x)  # noqa: E731
           yield from ev.run(run_fn, (state.params, state.extra, frozen), f'knn/{tag}')
         if ec.get('raw_pixels'):
-          yield from ev.run(_pixel_features, None, 'knn/raw_pixels')
+          yield from ev.run(pixel_features(), None, 'knn/raw_pixels')
 
       before = bool(ec.get('before')) and ec.at_end
       evals.append(Evaluation('knn', ec.every_steps, ec.at_end, run, final, before))
@@ -211,10 +214,6 @@ def make_evaluations(config, objective, mesh, data_axes) -> list[Evaluation]:
     else:
       raise ValueError(f"unknown evaluator {name!r}; known: 'knn', 'classification'")
   return evals
-
-
-def _pixel_features(_, images):
-  return images.reshape(images.shape[0], -1).astype(jnp.float32)
 
 
 # --- helpers ---------------------------------------------------------------------------------------

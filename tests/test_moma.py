@@ -252,3 +252,27 @@ def test_each_model_sees_its_own_input_statistics(tmp_path):
     obj.export(params, extra), tmp_path / 'wd', {'steps': 0}, None, pretrained.Normalization(**half)
   )
   assert pretrained.load_pretrained(out).normalization.std == (0.5, 0.5, 0.5)
+
+
+def test_scanned_teachers_and_rematerialised_student_give_the_same_loss():
+  """config.teacher_scan (stacked teacher weights under nn.scan) and student.remat='block' are
+  memory / compile-time options: the loss and its gradient must not change."""
+  from configs import common
+  from moma_jax import builders
+
+  def loss_and_grad(**overrides):
+    config = common.shortened_runlocal(
+      'moco_to_mae', 1, checkpoint_every=1, log_every=1, overrides=overrides
+    )
+    obj, frozen, start, _ = builders.build_moma(config)
+    params, extra = obj.init(jax.random.key(0), start)
+    fn = lambda p: obj.loss(p, extra, frozen, _batch(8), jax.random.key(2))[0]  # noqa: E731
+    return jax.value_and_grad(fn)(params)
+
+  (l0, g0), (l1, g1) = (
+    loss_and_grad(),
+    loss_and_grad(teacher_scan=True, **{'student.remat': 'block'}),
+  )
+  np.testing.assert_allclose(l1, l0, rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)

@@ -93,17 +93,37 @@ def _main(args, **kw):
 
 
 def test_main_runlocal_end_to_end(tmp_path):
+  """README command 1: a short, readable log (a progress line at every log_every, no library
+  chatter) and a final summary block with the student before / after and its baselines."""
   r = _main(['--config=configs/moco_to_mae.py:runlocal', f'--workdir={tmp_path}'], timeout=600)
   assert r.returncode == 0, r.stderr[-3000:]
   # The shipped tiny teacher and student, converted on the fly from their PyTorch files.
   assert 'RANDOMLY INITIALISED' not in r.stderr and 'mocov3_mu4_digits.pth.tar' in r.stderr
-  assert 'knn/model/top1' in r.stderr and 'knn/raw_pixels/top1' in r.stderr
-  assert re.search(
-    r'k-NN top-1 on the held-out split: student \d+\.\d%, teacher moco \d+\.\d%, raw pixels \d+\.\d%',
-    r.stdout,
-  ), r.stdout
-  final = json.load(open(tmp_path / 'final_metrics.json'))['final']
-  assert final['step'] == 300 and 'knn/model/top1' in final and 'knn/raw_pixels/top1' in final
+  log = (r.stderr + r.stdout).splitlines()
+  assert len(log) < 40, '\n'.join(log)
+  steps = [
+    int(m.group(1))
+    for line in log
+    if (m := re.search(r'step (\d+)/300 +loss [\d.]+ +\d+ img/s +ETA', line))
+  ]
+  assert steps == list(range(25, 301, 25)), steps
+  block = r.stdout[r.stdout.index('moco_to_mae: 300/300 steps') :]
+  for pattern in (
+    r'student +\d+\.\d% +\(before training +\d+\.\d%\)',
+    r'teacher moco +\d+\.\d%', r'raw pixels +\d+\.\d%', r'chance +10\.0%',
+  ):  # fmt: skip
+    assert re.search(pattern, block), block
+  metrics = json.load(open(tmp_path / 'final_metrics.json'))
+  final = metrics['final']
+  assert final['step'] == 300 and final['summary'] == block.strip().splitlines()
+  for key in (
+    'knn/model/top1',
+    'knn/model_before/top1',
+    'knn/raw_pixels/top1',
+    'knn/teacher_moco/top1',
+  ):
+    assert 0 <= final[key] <= 1
+  assert [h['step'] for h in metrics['history']] == list(range(25, 301, 25))
   assert os.path.exists(tmp_path / 'config.json')
   assert any(f.startswith('events.out.tfevents') for f in os.listdir(tmp_path))
 

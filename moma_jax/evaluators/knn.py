@@ -46,11 +46,9 @@ from moma_jax.data import device, pipeline, sources
 from moma_jax.data.augment import ViewSpec
 from moma_jax.data.mixing import normalize
 from moma_jax.models.pretrained import IMAGENET_MEAN, IMAGENET_STD
-from moma_jax.models.vit import ViT
+from moma_jax.models.vit import POOLS, ViT, pool_tokens
 
 FeaturesFn = Callable[[Any, jax.Array], jax.Array]
-
-POOLS = ('cls', 'mean', 'cls+mean')
 
 
 # --- the NumPy reference ---------------------------------------------------------------------------
@@ -91,19 +89,6 @@ def knn_predict(
 
 
 # --- feature functions -----------------------------------------------------------------------------
-
-
-def pool_tokens(tokens: jax.Array, pool: str = 'cls') -> jax.Array:
-  """Encoded tokens [B, 1 + n, D] (CLS first) -> features: 'cls' [B, D] (the CLS token), 'mean'
-  [B, D] (mean of the patch tokens), 'cls+mean' [B, 2D] (both, concatenated: for encoders trained
-  MAE-style, whose CLS token gets no training signal)."""
-  if pool == 'cls':
-    return tokens[:, 0]
-  if pool == 'mean':
-    return tokens[:, 1:].mean(axis=1)
-  if pool == 'cls+mean':
-    return jnp.concatenate([tokens[:, 0], tokens[:, 1:].mean(axis=1)], axis=-1)
-  raise ValueError(f'features must be one of {", ".join(POOLS)}, not {pool!r}')
 
 
 def encoder_features(
@@ -574,5 +559,10 @@ def main(argv: list[str] | None = None) -> int:
   return 0
 
 
+def run() -> None:
+  """Console-script entry point (moma-knn)."""
+  sys.exit(main())
+
+
 if __name__ == '__main__':
-  raise SystemExit(main())
+  run()

@@ -120,7 +120,17 @@ class Pretrained:
     return Normalization.from_metadata(self.metadata)
 
 
-_RUNTIME_ONLY = ('parent', 'name', 'dtype', 'attention_impl', 'drop_path', 'bn_axis_name')
+_RUNTIME_ONLY = (
+  'parent',
+  'name',
+  'dtype',
+  'attention_impl',
+  'drop_path',
+  'bn_axis_name',
+  'remat',
+  'remat_policy',
+  'scan_blocks',
+)
 
 
 def spec_of(module: nn.Module, input_dim: int | None = None) -> ComponentSpec:

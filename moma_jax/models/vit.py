@@ -17,7 +17,6 @@ parameters (``blocks/...`` with a leading depth axis). The unscanned layout
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import re
 from collections.abc import Mapping
@@ -28,64 +27,34 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from moma_jax.models import posemb
+from moma_jax.models import posemb, variants
 
 Array = jax.Array
 DType = Any
 
 LN_EPS = 1e-6
 
-# width, depth, heads. MLP ratio is 4 for every variant.
-_VARIANTS: dict[str, tuple[int, int, int]] = {
-  # Tiny variants for the embedded 32 px dataset (smaller -> larger, as S -> B -> L).
-  'pico': (32, 2, 2),
-  'mu': (64, 2, 2),
-  'milli': (128, 4, 4),
-  'Ti': (192, 12, 3),
-  'S': (384, 12, 6),  # DeiT / timm ViT-S. MoCo v3's vit_small has 12 heads: use 'S12/16'.
-  'S12': (384, 12, 12),
-  'B': (768, 12, 12),
-  'L': (1024, 24, 16),
-  'H': (1280, 32, 16),
-}
+# Variant names live in a JAX-free module (the command line validates them before JAX starts).
+_VARIANTS = variants.VARIANTS
+ViTSpec = variants.ViTSpec
+decode_variant = variants.decode_variant
+name_variant = variants.name_variant
 
 
-@dataclasses.dataclass(frozen=True)
-class ViTSpec:
-  """Architecture hyper-parameters of a ViT, decoded from a variant string."""
-
-  width: int
-  depth: int
-  num_heads: int
-  mlp_dim: int
-  patch_size: int
-
-  def kwargs(self) -> dict[str, int]:
-    return dataclasses.asdict(self)
+POOLS = variants.POOLS
 
 
-def decode_variant(variant: str) -> ViTSpec:
-  """Decodes 'B/16', 'S12/16', 'H/14', 'mu/4', ... into a :class:`ViTSpec`.
-
-  The part before '/' names the size (one of pico, mu, milli, Ti, S, S12, B, L, H), the part after
-  is the patch size in pixels.
-  """
-  m = re.fullmatch(r'([A-Za-z]+\d*)/(\d+)', variant)
-  if not m or m.group(1) not in _VARIANTS:
-    raise ValueError(
-      f'unknown ViT variant {variant!r}: expected SIZE/PATCH with SIZE one of '
-      f'{", ".join(_VARIANTS)} and PATCH an integer, e.g. "B/16"'
-    )
-  width, depth, heads = _VARIANTS[m.group(1)]
-  return ViTSpec(width, depth, heads, 4 * width, int(m.group(2)))
-
-
-def name_variant(width: int, depth: int, num_heads: int, patch_size: int) -> str | None:
-  """Inverse of :func:`decode_variant`; None for non-standard shapes."""
-  for name, spec in _VARIANTS.items():
-    if spec == (width, depth, num_heads):
-      return f'{name}/{patch_size}'
-  return None
+def pool_tokens(tokens: jax.Array, pool: str = 'cls') -> jax.Array:
+  """Encoded tokens [B, 1 + n, D] (CLS first) -> features: 'cls' [B, D] (the CLS token), 'mean'
+  [B, D] (mean of the patch tokens), 'cls+mean' [B, 2D] (both, concatenated: for encoders trained
+  MAE-style, whose CLS token gets no training signal)."""
+  if pool == 'cls':
+    return tokens[:, 0]
+  if pool == 'mean':
+    return tokens[:, 1:].mean(axis=1)
+  if pool == 'cls+mean':
+    return jnp.concatenate([tokens[:, 0], tokens[:, 1:].mean(axis=1)], axis=-1)
+  raise ValueError(f'features must be one of {", ".join(POOLS)}, not {pool!r}')
 
 
 def patchify(images: Array, patch_size: int) -> Array:

@@ -22,7 +22,7 @@ import optax
 from moma_jax import flops
 from moma_jax.data import mixing
 from moma_jax.models.pretrained import IMAGENET, Normalization
-from moma_jax.models.vit import ViT
+from moma_jax.models.vit import ViT, pool_tokens
 
 Array = jax.Array
 
@@ -154,12 +154,13 @@ class Classification:
     logits, _ = self.logits(params, extra, frozen, self.input_norm(images), train=False)
     return logits
 
-  def features(self, params, extra, frozen, images: Array) -> Array:
-    """Features for k-NN: the probed encoder's CLS, or the fine-tuned model's pre-logits."""
+  def features(self, params, extra, frozen, images: Array, pool: str = 'cls') -> Array:
+    """Features for k-NN: the probed encoder's tokens pooled by ``pool``, or the fine-tuned
+    model's pre-logits."""
     x = self.input_norm(images)
     if self.linear_probe:
       tokens, _ = self.encoder.apply(frozen['encoder'], x)
-      return self._pool(tokens).astype(jnp.float32)
+      return pool_tokens(tokens, pool).astype(jnp.float32)
     _, aux = self.model.apply({'params': params['model']}, x)
     return aux['pre_logits'].astype(jnp.float32)
 

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from moma_jax import flops, masking
 from moma_jax.models.heads import MaeDecoder
 from moma_jax.models.pretrained import IMAGENET, Normalization
-from moma_jax.models.vit import ViT, patchify
+from moma_jax.models.vit import ViT, patchify, pool_tokens
 
 Array = jax.Array
 
@@ -102,9 +102,9 @@ class Mae:
     *_, loss = self.masked_reconstruction(params, batch, rng)
     return loss, ({'loss': loss}, extra)
 
-  def features(self, params, extra, frozen, images: Array) -> Array:
+  def features(self, params, extra, frozen, images: Array, pool: str = 'cls') -> Array:
     tokens, _ = self.encoder.apply({'params': params['encoder']}, self.input_norm(images))
-    return tokens[:, 0].astype(jnp.float32)
+    return pool_tokens(tokens, pool).astype(jnp.float32)
 
   def export(self, params, extra):
     return {

@@ -19,7 +19,7 @@ import optax
 from moma_jax import ema, flops
 from moma_jax.models.heads import MlpHead
 from moma_jax.models.pretrained import IMAGENET, Normalization
-from moma_jax.models.vit import ViT
+from moma_jax.models.vit import ViT, pool_tokens
 
 Array = jax.Array
 
@@ -106,9 +106,9 @@ class MocoV3:
     loss = infonce(qs[0], ks[1], self.temperature) + infonce(qs[1], ks[0], self.temperature)
     return loss, ({'loss': loss, 'momentum': m}, new)
 
-  def features(self, params, extra, frozen, images: Array) -> Array:
+  def features(self, params, extra, frozen, images: Array, pool: str = 'cls') -> Array:
     tokens, _ = self.encoder.apply({'params': params['encoder']}, self.input_norm(images))
-    return tokens[:, 0].astype(jnp.float32)
+    return pool_tokens(tokens, pool).astype(jnp.float32)
 
   def export(self, params, extra):
     w = self.encoder.width

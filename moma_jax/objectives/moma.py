@@ -31,7 +31,7 @@ import jax.numpy as jnp
 
 from moma_jax import flops, masking
 from moma_jax.models.pretrained import IMAGENET, Normalization
-from moma_jax.models.vit import ViT, gather_tokens
+from moma_jax.models.vit import ViT, gather_tokens, pool_tokens
 
 Array = jax.Array
 
@@ -220,10 +220,11 @@ class Moma:
     metrics['loss'] = total
     return total, (metrics, extra)
 
-  def features(self, params, extra, frozen, images: Array) -> Array:
-    """The student's CLS token on the full image: [B, D] (uint8 images in)."""
+  def features(self, params, extra, frozen, images: Array, pool: str = 'cls') -> Array:
+    """The student's tokens on the full image, pooled (``vit.pool_tokens``): [B, D] or [B, 2D]
+    (uint8 images in)."""
     tokens, _ = self.student.apply({'params': params['student']}, self.input_norm(images))
-    return tokens[:, 0].astype(jnp.float32)
+    return pool_tokens(tokens, pool).astype(jnp.float32)
 
   def export(self, params: dict[str, Any], extra: dict) -> dict[str, tuple[Any, Any, None]]:
     """What the trainer exports at the end: the student encoder."""

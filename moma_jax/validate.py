@@ -1,0 +1,304 @@
+"""Checks a run's settings before anything expensive happens: before JAX is imported, before any
+file is written. Each problem is one line naming the setting, its value and what to do.
+
+The trainer re-checks what only it can (batch vs devices, dataset contents, checkpoint shapes);
+this pass catches what a user gets wrong most often, in the first second instead of after the
+JAX import, teacher conversion and compilation.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import ml_collections
+
+from moma_jax import storage
+from moma_jax.models import variants
+
+KNOWN_OBJECTIVES = ('moma', 'classification', 'mae', 'mocov3', 'dmae', 'rc_mae', 'dino', 'mokd')
+TORCH_SUFFIXES = ('.pth', '.pth.tar', '.pt', '.bin', '.safetensors')
+MAE_FORMATS = ('mae_pretrain', 'mae_full', 'mae_finetuned')
+EMBEDDED_SPLITS = ('train', 'test')
+
+
+class ConfigError(ValueError):
+  """A setting that cannot work; the message is one line: setting, value, what to do."""
+
+
+def _fail(setting: str, value: Any, what: str) -> None:
+  raise ConfigError(f'{setting}={value!r}: {what}')
+
+
+def _positive(c, key: str, what: str = 'must be > 0', prefix: str = '') -> None:
+  if c.get(key) is not None and not c[key] > 0:
+    _fail(f'{prefix}{key}', c[key], what)
+
+
+def _between(c: Any, prefix: str, key: str, lo: float, hi: float, hi_open: bool = True) -> None:
+  v = c[key]
+  ok = lo <= v < hi if hi_open else lo <= v <= hi
+  if not ok:
+    _fail(f'{prefix}{key}', v, f'must be in [{lo}, {hi}{")" if hi_open else "]"}')
+
+
+def _variant(setting: str, value: str) -> variants.ViTSpec:
+  try:
+    return variants.decode_variant(value)
+  except ValueError as e:
+    raise ConfigError(f'{setting}={value!r}: {e}') from None
+
+
+def _dtype(setting: str, value: str) -> None:
+  if value not in ('float32', 'bfloat16'):
+    _fail(setting, value, "use 'float32' or 'bfloat16'")
+
+
+# --- checkpoints -----------------------------------------------------------------------------------
+
+
+def checkpoint_kind(setting: str, path: str) -> tuple[str, set[str]]:
+  """(format, component names) of a converted directory or a PyTorch / safetensors file, read
+  without JAX; a missing, unreadable or foreign path is a ConfigError."""
+  p = storage.Path(path)
+  if not p.exists():
+    _fail(setting, path, 'no such file or directory; give a converted checkpoint directory '
+                         '(python -m convert --src CKPT --dst DIR) or an official .pth / .pth.tar')  # fmt: skip
+  if p.is_dir():
+    meta_path = p / 'metadata.json'
+    if not meta_path.exists():
+      _fail(setting, path, 'a directory without metadata.json, not a converted checkpoint; '
+                           'convert one first: python -m convert --src CKPT --dst DIR')  # fmt: skip
+    try:
+      meta = json.loads(meta_path.read_text())
+      components = meta['components']
+      if not isinstance(components, dict) or 'encoder' not in components:
+        raise KeyError('components.encoder')
+    except (ValueError, KeyError, TypeError) as e:
+      _fail(setting, path, f'its metadata.json is unreadable ({type(e).__name__}: {e}); '
+                           'convert or export the checkpoint again')  # fmt: skip
+    kind = meta.get('format', '')
+    if kind == 'moma_jax':  # a trainer export: name it by its heads
+      kind = (
+        'mocov3' if 'predictor' in components else 'mae_full' if 'decoder' in components else kind
+      )
+    return kind, set(components)
+  if not path.endswith(TORCH_SUFFIXES):
+    _fail(setting, path, f'a file that is neither a converted directory nor a PyTorch checkpoint '
+                         f'({", ".join(TORCH_SUFFIXES)})')  # fmt: skip
+  from convert import formats
+  from convert.errors import ConvertError
+
+  try:
+    split = formats.split(formats.read_file(path))
+  except ConvertError as e:
+    raise ConfigError(f'{setting}={path!r}: {e}') from None
+  return split.format, set(split.components)
+
+
+def _check_role(setting: str, path: str, role: str) -> None:
+  """role: 'encoder' (any ViT), 'mae' / 'moco' (a teacher of that name), 'mae_decoder' (MAE
+  pre-training continued, which needs the decoder unless a fresh one is accepted)."""
+  kind, components = checkpoint_kind(setting, path)
+  if role in ('mae', 'mae_decoder') and kind == 'mocov3':
+    _fail(setting, path, 'a MoCo v3 checkpoint where an MAE one is needed; give an MAE checkpoint')
+  if role == 'moco' and kind in MAE_FORMATS:
+    _fail(setting, path, f'an MAE checkpoint ({kind}) where a MoCo v3 one is needed')
+  if role == 'mae_decoder' and 'decoder' not in components:
+    _fail(setting, path, f'has no MAE decoder ({kind}, components: {", ".join(sorted(components))})'
+                         '; continue from an MAE _full checkpoint, or pass '
+                         '--config.model.fresh_decoder=True to train a new decoder')  # fmt: skip
+
+
+# --- sections ---------------------------------------------------------------------------------------
+
+
+def _check_run(c: ml_collections.ConfigDict) -> None:
+  if c.get('objective') not in KNOWN_OBJECTIVES:
+    _fail('objective', c.get('objective'), f'one of {", ".join(KNOWN_OBJECTIVES)}')
+  _positive(c, 'batch_size', 'must be > 0 (a multiple of the number of data-parallel devices)')
+  if c.num_train_steps < 0:
+    _fail('num_train_steps', c.num_train_steps, 'must be >= 0 (0: run num_epochs)')
+  if not c.num_train_steps:
+    _positive(c, 'num_epochs', 'must be > 0, or set num_train_steps')
+  if c.stop_at_step < 0:
+    _fail('stop_at_step', c.stop_at_step, 'must be >= 0 (0: no early stop)')
+  for key in ('log_every', 'checkpoint_every', 'keep_checkpoints'):
+    _positive(c, key)
+  mesh = dict(c.mesh)
+  if not mesh or set(mesh) - {'data', 'fsdp'}:
+    _fail('mesh', mesh, "axes 'data' and / or 'fsdp', e.g. {'data': -1, 'fsdp': 1}")
+  sizes = list(mesh.values())
+  if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
+    _fail('mesh', mesh, 'sizes are positive, with at most one -1 ("all remaining devices")')
+
+
+def _check_optim(o: ml_collections.ConfigDict) -> None:
+  if o.name not in ('adamw', 'lars', 'sgd'):
+    _fail('optim.name', o.name, "one of 'adamw', 'lars', 'sgd'")
+  _positive(o, 'base_lr', 'must be > 0 (lr = base_lr * batch_size / 256)', 'optim.')
+  for key in ('min_lr', 'weight_decay', 'warmup_epochs', 'warmup_steps', 'grad_clip'):
+    if o.get(key, 0) < 0:
+      _fail(f'optim.{key}', o[key], 'must be >= 0')
+  if not 0 < o.get('layer_decay', 1.0) <= 1:
+    _fail('optim.layer_decay', o.layer_decay, 'must be in (0, 1] (1: no layer decay)')
+
+
+def _check_split(dataset: str, setting: str, split: str) -> None:
+  if dataset == 'digits_m' and split not in EMBEDDED_SPLITS:
+    _fail(setting, split, f'digits_m has splits {", ".join(EMBEDDED_SPLITS)}')
+
+
+def _check_data(c: ml_collections.ConfigDict) -> None:
+  d = c.data
+  _positive(d, 'image_size', prefix='data.')
+  name = d.name
+  if name.startswith('folder:'):
+    root = storage.Path(name[len('folder:') :])
+    if not root.exists():
+      _fail(
+        'data.name',
+        name,
+        'no such folder; give folder:/path/to/images with one sub-folder per class',
+      )
+    if not root.is_dir():
+      _fail('data.name', name, 'is a file; folder: needs a directory with one sub-folder per class')
+  elif name != 'digits_m':
+    for key in ('data_dir', 'manual_dir'):
+      path = d.get(key)
+      if path and not storage.is_remote(path) and not os.path.isdir(path):
+        _fail(f'data.{key}', path, 'no such directory')
+  for key in ('train_split', 'eval_split'):
+    _check_split(name, f'data.{key}', d[key])
+  for vname, view in dict(d.views).items():
+    size, scale = view.get('size', 224), view.get('scale')
+    if size <= 0:
+      _fail(f'data.views.{vname}.size', size, 'must be > 0')
+    if scale is not None and not (len(scale) == 2 and 0 < scale[0] <= scale[1] <= 1):
+      _fail(
+        f'data.views.{vname}.scale', scale, 'a (min, max) area fraction with 0 < min <= max <= 1'
+      )
+  for ename, ev in dict(c.get('evaluators', {})).items():
+    if ename not in ('knn', 'classification'):
+      _fail(f'evaluators.{ename}', '...', "unknown evaluator; known: 'knn', 'classification'")
+    _positive(ev, 'batch_size', prefix=f'evaluators.{ename}.')
+    if ev.get('features', 'cls') not in variants.POOLS:
+      _fail(f'evaluators.{ename}.features', ev.features, f'one of {", ".join(variants.POOLS)}')
+    for key in ('train_split', 'eval_split', 'split'):
+      if key in ev:
+        _check_split(name, f'evaluators.{ename}.{key}', ev[key])
+
+
+def _check_moma(c: ml_collections.ConfigDict) -> None:
+  m = c.moma
+  _between(m, 'moma.', 'mask_ratio', 0.0, 1.0)
+  if m.align not in ('cls', 'patch', 'both'):
+    _fail('moma.align', m.align, "one of 'cls', 'patch', 'both'")
+  if m.teacher_norm not in ('own+ln', 'own', 'ln'):
+    _fail('moma.teacher_norm', m.teacher_norm, "one of 'own+ln', 'own', 'ln'")
+  if m.smooth_l1_beta < 0:
+    _fail('moma.smooth_l1_beta', m.smooth_l1_beta, 'must be >= 0 (0: L1)')
+  if not c.teachers:
+    _fail('teachers', '{}', 'MOMA needs at least one teacher (teachers.NAME.checkpoint=...)')
+  _dtype('student.dtype', c.student.dtype)
+  if c.student.get('remat', 'none') not in ('none', 'block'):
+    _fail('student.remat', c.student.remat, "'none' or 'block'")
+  _dtype('teacher_dtype', c.teacher_dtype)
+  if not c.student.checkpoint:
+    _variant('student.variant', c.student.variant)
+  for name, t in c.teachers.items():
+    if t.student_view not in ('masked', 'strong', 'both'):
+      _fail(f'teachers.{name}.student_view', t.student_view, "one of 'masked', 'strong', 'both'")
+    if t.weight < 0:
+      _fail(f'teachers.{name}.weight', t.weight, 'must be >= 0')
+    if not t.checkpoint:
+      _variant(f'teachers.{name}.variant', t.variant)
+  # Checkpoints last: they read files.
+  if c.student.checkpoint:
+    _check_role('student.checkpoint', c.student.checkpoint, 'encoder')
+  for name, t in c.teachers.items():
+    if t.checkpoint:
+      _check_role(
+        f'teachers.{name}.checkpoint', t.checkpoint, name if name in ('mae', 'moco') else 'encoder'
+      )
+
+
+def _check_classification(c: ml_collections.ConfigDict) -> None:
+  k = c.classifier
+  if k.pool not in ('gap', 'cls'):
+    _fail('classifier.pool', k.pool, "'gap' or 'cls'")
+  if k.num_classes < 0:
+    _fail('classifier.num_classes', k.num_classes, 'must be >= 0 (0: from the dataset)')
+  _between(k, 'classifier.', 'label_smoothing', 0.0, 1.0)
+  for key in ('mixup_alpha', 'cutmix_alpha', 'drop_path'):
+    if k[key] < 0:
+      _fail(f'classifier.{key}', k[key], 'must be >= 0')
+  for key in ('mix_prob', 'switch_prob', 'erase_prob'):
+    _between(k, 'classifier.', key, 0.0, 1.0, hi_open=False)
+  _dtype('classifier.dtype', k.dtype)
+  if k.linear_probe and not k.checkpoint:
+    _fail('classifier.checkpoint', '', 'a linear probe needs the encoder to probe (checkpoint=DIR)')
+  if k.checkpoint:
+    _check_role('classifier.checkpoint', k.checkpoint, 'encoder')
+  else:
+    _variant('classifier.variant', k.variant)
+
+
+def _check_pretraining(c: ml_collections.ConfigDict) -> None:
+  m = c.model
+  _dtype('model.dtype', m.dtype)
+  if 'mae' in c:
+    _between(c.mae, 'mae.', 'mask_ratio', 0.0, 1.0)
+  if c.objective == 'mocov3' and not c.mocov3.temperature > 0:
+    _fail('mocov3.temperature', c.mocov3.temperature, 'must be > 0')
+  if c.objective == 'rc_mae':
+    _between(c.rc_mae, 'rc_mae.', 'momentum', 0.0, 1.0, hi_open=False)
+  spec = None if m.checkpoint else _variant('model.variant', m.variant)
+  if c.objective == 'dmae':
+    d = c.dmae
+    if spec is not None and not 1 <= d.student_block <= spec.depth:
+      _fail('dmae.student_block', d.student_block, f'the student has blocks 1..{spec.depth}')
+    if not d.teacher:
+      t = _variant('dmae.teacher_variant', d.teacher_variant)
+      if not 1 <= d.teacher_block <= t.depth:
+        _fail('dmae.teacher_block', d.teacher_block, f'the teacher has blocks 1..{t.depth}')
+    else:
+      _check_role('dmae.teacher', d.teacher, 'mae')
+  if m.checkpoint:
+    needs_decoder = c.objective in ('mae', 'dmae', 'rc_mae') and not m.get('fresh_decoder')
+    role = 'mae_decoder' if needs_decoder else ('moco' if c.objective == 'mocov3' else 'encoder')
+    _check_role('model.checkpoint', m.checkpoint, role)
+
+
+def check_workdir(workdir: str) -> None:
+  """A directory we can create and write (local paths); URIs are checked when first written."""
+  if not workdir:
+    _fail('--workdir', workdir, 'give a directory for checkpoints, metrics and exports')
+  if storage.is_remote(workdir):
+    return
+  path = os.path.abspath(os.path.expanduser(workdir))
+  if os.path.exists(path) and not os.path.isdir(path):
+    _fail('--workdir', workdir, 'is a file; give a directory (new or a run to resume)')
+  existing = path
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    _fail('--workdir', workdir, f'{existing} is a file, so the directory cannot be created')
+  if not os.access(existing, os.W_OK | os.X_OK):
+    _fail('--workdir', workdir, f'{existing} is not writable; choose another directory')
+
+
+def validate(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Raises ConfigError (one line) for the first setting that cannot work."""
+  check_workdir(workdir)
+  _check_run(config)
+  if 'optim' in config:
+    _check_optim(config.optim)
+  _check_data(config)
+  if config.objective == 'moma':
+    _check_moma(config)
+  elif config.objective == 'classification':
+    _check_classification(config)
+  elif config.objective in ('mae', 'mocov3', 'dmae', 'rc_mae'):
+    _check_pretraining(config)
