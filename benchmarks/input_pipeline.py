@@ -10,12 +10,15 @@ Rates: images per wall-clock second, and per CPU second of this process (user + 
 its threads: images/s per core, which stays meaningful on a machine shared with other work).
 
   python benchmarks/input_pipeline.py [--images 1024] [--threads 1 2] [--seconds 10]
+  python benchmarks/input_pipeline.py --profile   # where the time of MOMA's views goes
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
+import pathlib
 import platform
 import sys
 import tempfile
@@ -40,11 +43,11 @@ SETTINGS = {
 }
 
 
-def prepare(root: str, images: int) -> sources.HostSplit:
+def prepare(root: str, images: int, noise: int = 40) -> sources.HostSplit:
   classes = 8
   manual = fake_imagenet.write_manual_dir(
     f'{root}/manual', num_classes=classes, images_per_class=images // classes, num_val=8,
-    noise=40,
+    noise=noise,
   )  # fmt: skip
   return sources.open_split(
     'imagenet2012', 'train', data_dir=f'{root}/tfds', manual_dir=manual, process_index=0,
@@ -64,6 +67,31 @@ def measure(src, views, threads: int, batch: int, seconds: float) -> tuple[float
   return n / (time.perf_counter() - t0), n / (time.process_time() - c0)
 
 
+def profile(src, seconds: float) -> None:
+  """CPU ms per image of MOMA's views built up stage by stage (1 thread), to see where time goes."""
+  moma = SETTINGS['MOMA (moco_to_mae): teacher + strong']
+  teacher, strong = moma['teacher'], moma['strong']
+  plain = dataclasses.replace(strong, jitter_prob=0.0, grayscale_prob=0.0, blur_prob=0.0)
+  stages = {
+    'teacher view: decode the crop window, resize, flip': {'teacher': teacher},
+    '+ strong view sharing the crop, no photometric ops': {'teacher': teacher, 'strong': plain},
+    '+ strong view with blur only (p 1.0)': {
+      'teacher': teacher,
+      'strong': dataclasses.replace(plain, blur_prob=1.0),
+    },
+    '+ strong view with colour jitter only (p 0.8)': {
+      'teacher': teacher,
+      'strong': dataclasses.replace(plain, jitter_prob=0.8),
+    },
+    'MOMA: teacher + strong (jitter, grayscale, blur)': {'teacher': teacher, 'strong': strong},
+  }
+  print('| stage (1 thread) | CPU ms per image |')
+  print('|---|---|')
+  for name, views in stages.items():
+    _, cpu = measure(src, views, 1, 64, seconds)
+    print(f'| {name} | {1e3 / cpu:.2f} |', flush=True)
+
+
 def main() -> None:
   p = argparse.ArgumentParser()
   p.add_argument('--images', type=int, default=1024)
@@ -71,16 +99,25 @@ def main() -> None:
   p.add_argument('--seconds', type=float, default=10.0)
   p.add_argument('--batch', type=int, default=64)
   p.add_argument('--only', default='', help='run only the settings whose name contains this')
+  p.add_argument('--noise', type=int, default=40, help='JPEG detail: 40 ~110 KB, 12 ~60 KB')
+  p.add_argument('--profile', action='store_true', help="MOMA's views stage by stage instead")
   a = p.parse_args()
   import tensorflow as tf
   import tensorflow_datasets as tfds
 
   with tempfile.TemporaryDirectory() as root:
-    src = prepare(root, a.images)
-    print(
-      f'{src.total_examples} JPEGs, {os.cpu_count()} cores, Python {platform.python_version()}, '
-      f'TensorFlow {tf.__version__}, tfds {tfds.__version__}'
+    src = prepare(root, a.images, a.noise)
+    size = (
+      sum(f.stat().st_size for f in pathlib.Path(root, 'manual').iterdir()) / src.total_examples
     )
+    print(
+      f'{src.total_examples} JPEGs (~{size / 1e3:.0f} KB each with the val set and tar headers), '
+      f'{os.cpu_count()} cores, Python {platform.python_version()}, TensorFlow {tf.__version__}, '
+      f'tfds {tfds.__version__}'
+    )
+    if a.profile:
+      profile(src, a.seconds)
+      return
     print('| pipeline | threads | images/s | images/s per thread | images/s per CPU second |')
     print('|---|---|---|---|---|')
     for name, views in SETTINGS.items():

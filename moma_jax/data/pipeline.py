@@ -146,7 +146,8 @@ def train_iterator(
 
   ds = tf.data.Dataset.range(start_index, 2**62).batch(sources.LOOKUP_BLOCK)
   ds = ds.map(fetch, num_parallel_calls=AUTOTUNE).unbatch()
-  ds = ds.map(make, num_parallel_calls=AUTOTUNE).ignore_errors()  # errors drop single examples
+  # An unreadable image (or a failed block read) drops its example(s); _Counting counts them.
+  ds = ds.map(make, num_parallel_calls=AUTOTUNE).ignore_errors()
   ds = ds.batch(batch_size, drop_remainder=True).prefetch(AUTOTUNE)
   return _Counting(ds.with_options(_options(threads)), start_index, source.name)
 
