@@ -1,6 +1,6 @@
 """Command line: ``python -m convert --src CKPT --dst DIR`` (import) or ``--src DIR --dst FILE`` (export).
 
-Import: a PyTorch MAE / MoCo v3 / timm checkpoint (or a .safetensors file) becomes a Flax
+Import: a PyTorch MAE / MoCo v3 / timm / torchvision ResNet / DINO / MOKD checkpoint (or a .safetensors file) becomes a Flax
 checkpoint directory (orbax parameters + metadata.json), loadable with
 ``moma_jax.models.pretrained.load_pretrained(DIR)``.
 Export: a converted or trained directory becomes a PyTorch ``{'model': state_dict}`` file in the
@@ -40,7 +40,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
   p.add_argument(
     '--format',
     choices=sorted(set(FORMATS) | {'mae', 'mocov3'}),
-    help='import: source format, when auto-detection needs help; export: mae or mocov3',
+    help='import: source format, when auto-detection needs help; export: mae, mocov3, '
+    'torchvision (ResNets) or dino',
   )
   p.add_argument('--variant', help="ViT variant, e.g. 'B/16' or 'S12/16' (MoCo v3 ViT-S)")
   p.add_argument('--num-heads', type=int, help='attention heads (not visible in the weights)')
@@ -51,6 +52,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
   )
   p.add_argument(
     '--std', type=_triple, help='input std, R,G,B (default ImageNet; 0.5,0.5,0.5: timm)'
+  )
+  p.add_argument(
+    '--checkpoint-key',
+    help='DINO / MOKD checkpoints: which model (teacher, student; teacher_vit, teacher_cnn, ...)',
   )
   p.add_argument('--overwrite', action='store_true', help='replace an existing destination')
   return p.parse_args(argv)
@@ -81,13 +86,14 @@ def main(argv: list[str] | None = None) -> int:
         overwrite=args.overwrite,
         mean=args.mean,
         std=args.std,
+        checkpoint_key=args.checkpoint_key,
       )
       for note in meta['notes']:
         print(f'note: {note}')
       kinds = ', '.join(meta['components'])
+      size = f' {meta["image_size"]}px' if meta.get('image_size') else ''
       print(
-        f'wrote {args.dst}: {meta["format"]} {meta["variant"] or "custom ViT"} '
-        f'{meta["image_size"]}px ({kinds})'
+        f'wrote {args.dst}: {meta["format"]} {meta["variant"] or "custom model"}{size} ({kinds})'
       )
   except ConvertError as e:
     print(f'error: {e}', file=sys.stderr)

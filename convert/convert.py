@@ -14,7 +14,7 @@ import numpy as np
 from convert import formats, layouts, torch_format
 from convert.errors import ConvertError
 from moma_jax import storage
-from moma_jax.models import posemb, pretrained, vit
+from moma_jax.models import posemb, pretrained, resnet, vit
 from moma_jax.models.pretrained import ComponentSpec
 
 # Heads by width when the checkpoint cannot say (heads are not visible in the weight shapes).
@@ -168,6 +168,57 @@ def _mlp_head_spec(state: dict, what: str) -> ComponentSpec:
   )
 
 
+def _resnet_spec(state: dict, what: str) -> tuple[ComponentSpec, list[str]]:
+  """Infers a torchvision ResNet's constructor kwargs from its state dict."""
+  stages = []
+  while _count(state, rf'layer{len(stages) + 1}\.(\d+)\.'):
+    stages.append(_count(state, rf'layer{len(stages) + 1}\.(\d+)\.'))
+  stem = state['conv1.weight']
+  if stem.ndim != 4 or stem.shape[2] not in (3, 7) or not stages:
+    raise ConvertError(
+      f'{what}: conv1.weight {tuple(stem.shape)} / {len(stages)} stages is not a torchvision ResNet'
+    )
+  width = stem.shape[0]
+  block = 'bottleneck' if 'layer1.0.conv3.weight' in state else 'basic'
+  planes = state['layer1.0.conv1.weight'].shape[0]
+  if planes != width:
+    raise ConvertError(
+      f'{what}: layer1 is {planes} wide but the stem {width}: wide / grouped ResNets '
+      '(width_per_group != 64) are not supported'
+    )
+  kwargs = dict(
+    block=block, stage_sizes=stages, width=width, small_stem=stem.shape[2] == 3,
+    num_classes=state['fc.weight'].shape[0] if 'fc.weight' in state else 0,
+    channels=stem.shape[1],
+  )  # fmt: skip
+  return ComponentSpec('ResNet', kwargs), []
+
+
+def _dino_head_spec(state: dict, what: str, input_dim: int) -> ComponentSpec:
+  """DINO's head: mlp.0 / mlp.2 / ... (or a single mlp Linear) + last_layer.weight_g / _v."""
+  if 'last_layer.weight_v' not in state:
+    raise ConvertError(f'{what}: no last_layer.weight_v in {", ".join(sorted(state)[:6])}')
+  linear = sorted(int(k.split('.')[1]) for k in state if re.fullmatch(r'mlp\.\d+\.weight', k))
+  if 'mlp.weight' in state:
+    layers, hidden, bottleneck = 1, 2048, state['mlp.weight'].shape[0]
+  elif linear:
+    layers = len(linear)
+    hidden = state[f'mlp.{linear[0]}.weight'].shape[0]
+    bottleneck = state[f'mlp.{linear[-1]}.weight'].shape[0]
+    if any(k.startswith('mlp.') and 'running_mean' in k for k in state):
+      raise ConvertError(f'{what}: a DINO head with BatchNorm (use_bn) is not supported')
+  else:
+    raise ConvertError(f'{what}: no mlp layers in {", ".join(sorted(state)[:6])}')
+  return ComponentSpec(
+    'DinoHead',
+    dict(
+      out_dim=state['last_layer.weight_v'].shape[0], hidden_dim=hidden, bottleneck_dim=bottleneck,
+      num_layers=layers,
+    ),
+    input_dim=input_dim,
+  )
+
+
 def _expected_shapes(spec: ComponentSpec) -> dict[str, tuple[int, ...]]:
   """PyTorch key -> shape that ``spec``'s module needs (zero-stride views: nothing allocated)."""
   abstract = pretrained.abstract_variables(spec)
@@ -216,8 +267,12 @@ def convert_checkpoint(
   overwrite: bool = False,
   mean: tuple[float, ...] | None = None,
   std: tuple[float, ...] | None = None,
+  checkpoint_key: str | None = None,
 ) -> dict[str, Any]:
   """Converts a PyTorch / safetensors checkpoint into a Flax checkpoint directory.
+
+  ``checkpoint_key`` picks the model of a DINO ('teacher' / 'student') or MOKD ('teacher_vit',
+  'teacher_cnn', ...) checkpoint; the teacher (the ViT's for MOKD) by default.
 
   ``mean`` / ``std`` are the input statistics the model was trained with (default ImageNet's;
   e.g. 0.5, 0.5, 0.5 for many timm / Google ViTs): recorded in the metadata, and every consumer
@@ -232,17 +287,30 @@ def convert_checkpoint(
     raise ConvertError('--src and --dst are the same path')
   norm = pretrained.Normalization(mean or pretrained.IMAGENET_MEAN, std or pretrained.IMAGENET_STD)
   obj = formats.read_file(src)
-  split = formats.split(obj, fmt)
+  split = formats.split(obj, fmt, checkpoint_key)
   enc_state = dict(split.components['encoder'])
-  enc_spec, notes = _encoder_spec(
-    enc_state, split, variant=variant, num_heads=num_heads, image_size=image_size, what=src
-  )
+  is_resnet = formats.is_resnet(enc_state)
+  if is_resnet:
+    if variant or num_heads or image_size:
+      raise ConvertError(
+        f'{src} holds a ResNet: --variant / --num-heads / --image-size are for ViTs'
+      )
+    enc_spec, notes = _resnet_spec(enc_state, src)
+    size = patch = None
+    feature_dim = resnet.ResNet(**enc_spec.kwargs).out_dim
+  else:
+    enc_spec, notes = _encoder_spec(
+      enc_state, split, variant=variant, num_heads=num_heads, image_size=image_size, what=src
+    )
+    size, patch = enc_spec.kwargs['image_size'], enc_spec.kwargs['patch_size']
+    feature_dim = enc_spec.kwargs['width']
   specs: dict[str, ComponentSpec] = {'encoder': enc_spec}
   states: dict[str, dict] = {'encoder': enc_state}
-  size, patch = enc_spec.kwargs['image_size'], enc_spec.kwargs['patch_size']
   for name, state in split.components.items():
     state = dict(state)
-    if name == 'decoder':
+    if name == 'head':
+      specs[name] = _dino_head_spec(state, f'{src} head', feature_dim)
+    elif name == 'decoder':
       specs[name] = _decoder_spec(state, enc_spec)
     elif name in ('projector', 'predictor'):
       specs[name] = _mlp_head_spec(state, f'{src} {name}')
@@ -250,6 +318,9 @@ def convert_checkpoint(
       specs[name] = enc_spec
     elif name == 'momentum_projector' and momentum:
       specs[name] = _mlp_head_spec(state, f'{src} {name}')
+    elif name == 'search_head':
+      notes.append('transhead (MOKD search head) not converted')
+      continue
     elif name != 'encoder':
       notes.append(f'{name} not converted (pass --momentum to keep it)')
       continue
@@ -257,7 +328,8 @@ def convert_checkpoint(
   variables = {}
   for name, state in states.items():
     for key in ('pos_embed', 'decoder_pos_embed'):
-      _resample(state, key, size, patch)
+      if not is_resnet:
+        _resample(state, key, size, patch)
     _check_state(state, specs[name], f'{src} [{split.format}, {name}]')
     try:
       variables[name] = layouts.torch_to_flax(state)
@@ -271,11 +343,7 @@ def convert_checkpoint(
       **split.info,
     },
     'format': split.format,
-    'variant': vit.name_variant(
-      enc_spec.kwargs['width'], enc_spec.kwargs['depth'], enc_spec.kwargs['num_heads'], patch
-    ),
-    'patch_size': patch,
-    'image_size': size,
+    **_arch_metadata(enc_spec),
     **norm.to_metadata(),
     'notes': notes,
     'converted_at': datetime.datetime.now(datetime.UTC).isoformat(timespec='seconds'),
@@ -287,7 +355,19 @@ def convert_checkpoint(
   return pretrained.read_metadata(dst)
 
 
-EXPORT_FORMATS = ('mae', 'mocov3')
+def _arch_metadata(spec: ComponentSpec) -> dict[str, Any]:
+  kw = spec.kwargs
+  if spec.module == 'ResNet':
+    return {'variant': resnet.name_variant(kw['block'], kw['stage_sizes'], kw['width'],
+                                           kw['small_stem'])}  # fmt: skip
+  return {
+    'variant': vit.name_variant(kw['width'], kw['depth'], kw['num_heads'], kw['patch_size']),
+    'patch_size': kw['patch_size'],
+    'image_size': kw['image_size'],
+  }
+
+
+EXPORT_FORMATS = ('mae', 'mocov3', 'torchvision', 'dino')
 _MOCO_ARCH = {(384, 12): 'vit_small', (768, 12): 'vit_base'}
 
 
@@ -301,7 +381,9 @@ def export_checkpoint(
   that state dict as safetensors. fmt 'mocov3' (default when the directory has a predictor): MoCo
   v3's ``.pth.tar`` layout, ``{'arch', 'epoch', 'state_dict'}`` with ``module.base_encoder.``
   (projector as its ``head``), ``module.momentum_encoder.`` and ``module.predictor.``.
-  Both add ``'moma_jax': {'num_heads': H}``, so a re-import needs no --num-heads.
+  Both add ``'moma_jax': {'num_heads': H}``, so a re-import needs no --num-heads. fmt
+  'torchvision' (default for a ResNet): a plain torchvision state dict. fmt 'dino': DINO's
+  training-checkpoint layout ``{'teacher': {backbone.*, head.*}, 'epoch'}`` (ViT or ResNet).
   """
   if storage.Path(dst).exists() and not overwrite:
     raise ConvertError(f'{dst} already exists; pass --overwrite to replace it')
@@ -310,9 +392,14 @@ def export_checkpoint(
   except (FileNotFoundError, pretrained.CheckpointMismatchError) as e:
     raise ConvertError(str(e)) from None
   heads = loaded.heads
-  fmt = fmt or ('mocov3' if 'predictor' in heads else 'mae')
+  is_resnet = isinstance(loaded.model, resnet.ResNet)
+  fmt = fmt or ('mocov3' if 'predictor' in heads else 'torchvision' if is_resnet else 'mae')
   if fmt not in EXPORT_FORMATS:
     raise ConvertError(f'export format {fmt!r}; one of {", ".join(EXPORT_FORMATS)}')
+  if is_resnet and fmt not in ('torchvision', 'dino'):
+    raise ConvertError(f'{src_dir} holds a ResNet: export it as torchvision or dino, not {fmt}')
+  if fmt == 'torchvision' and not is_resnet:
+    raise ConvertError(f'{src_dir} holds a ViT: the torchvision format is for ResNets')
 
   def torch_state(variables, prefix=''):
     return {
@@ -320,7 +407,17 @@ def export_checkpoint(
     }
 
   m = loaded.model
-  ours = {'num_heads': m.num_heads}
+  ours = {} if is_resnet else {'num_heads': m.num_heads}
+  if fmt == 'torchvision':  # a plain state dict, as torchvision's releases and DINO's ResNet-50
+    state = torch_state(loaded.params)
+    torch_format.save(state, dst)
+    return list(state)
+  if fmt == 'dino':  # DINO's training checkpoint layout, the teacher only
+    state = torch_state(loaded.params, 'backbone.')
+    if 'head' in heads:
+      state.update(torch_state(heads['head'].variables, 'head.'))
+    torch_format.save({'teacher': state, 'epoch': 0, 'moma_jax': ours}, dst)
+    return list(state)
   if fmt == 'mocov3':
     if 'projector' not in heads:
       raise ConvertError(f'{src_dir} has no MoCo v3 projector: export it with the mae format')

@@ -6,7 +6,13 @@ Formats (the ``--format`` names):
   mae_finetuned  MAE fine-tuned: ``fc_norm`` + ``head``, global pooling, no final ``norm``
   mocov3         MoCo v3 ``.pth.tar``: ``state_dict`` with ``module.base_encoder.`` etc.
   timm           a plain timm / DeiT ViT state dict (``.pth`` or ``.safetensors``), any head
-Every format yields a timm-named encoder state dict plus optional head state dicts.
+  torchvision    a plain torchvision ResNet state dict (``conv1``, ``bn1``, ``layer1.0...``), with or
+                 without ``fc`` (DINO's released ResNet-50 backbone has none)
+  dino           DINO's training checkpoint: ``teacher`` / ``student`` state dicts with ``backbone.``
+                 and ``head.`` under an optional ``module.`` (DDP) prefix; the teacher by default
+  mokd           MOKD's checkpoint: ``teacher_vit`` / ``teacher_cnn`` / ``student_vit`` /
+                 ``student_cnn``, each as DINO's plus ``transhead.``; ``teacher_vit`` by default
+Every format yields a timm- or torchvision-named encoder state dict plus optional head state dicts.
 """
 
 from __future__ import annotations
@@ -20,7 +26,9 @@ from convert import torch_format
 from convert.errors import ConvertError
 from moma_jax import storage
 
-FORMATS = ('mae_pretrain', 'mae_full', 'mae_finetuned', 'mocov3', 'timm')
+FORMATS = ('mae_pretrain', 'mae_full', 'mae_finetuned', 'mocov3', 'timm', 'torchvision', 'dino', 'mokd')
+DINO_KEYS = ('teacher', 'student')
+MOKD_KEYS = ('teacher_vit', 'teacher_cnn', 'student_vit', 'student_cnn')
 StateDict = dict[str, np.ndarray]
 
 _MOCO_PREFIXES = {
@@ -104,12 +112,57 @@ def _our_info(obj: dict) -> dict[str, Any]:
   return {}
 
 
-def split(obj: Any, fmt: str | None = None) -> Split:
-  """Takes a loaded checkpoint apart. ``fmt`` forces a format; None detects it."""
+def is_resnet(state: StateDict) -> bool:
+  """A torchvision-layout ResNet state dict (stem conv + layer1)."""
+  return 'conv1.weight' in state and any(k.startswith('layer1.0.') for k in state)
+
+
+def _split_dino(obj: dict, fmt: str, key: str | None) -> Split:
+  """DINO / MOKD: one of the model state dicts, split into backbone and head."""
+  keys = DINO_KEYS if fmt == 'dino' else MOKD_KEYS
+  key = key or keys[0]
+  if key not in keys:
+    raise ConvertError(f'--checkpoint-key {key!r} for a {fmt} checkpoint; one of {", ".join(keys)}')
+  state = obj.get(key)
+  if not _is_state_dict(state):
+    present = [k for k in keys if _is_state_dict(obj.get(k))]
+    raise ConvertError(
+      f'not a {fmt} checkpoint with {key!r}: it holds {", ".join(present) or "none"} of '
+      f'{", ".join(keys)}'
+    )
+  if all(k.startswith('module.') for k in state):
+    state = _strip(state, 'module.')
+  comps: dict[str, StateDict] = {}
+  if any(k.startswith('backbone.') for k in state):
+    comps['encoder'] = _strip(state, 'backbone.')
+    if any(k.startswith('head.') for k in state):
+      comps['head'] = _strip(state, 'head.')
+    if any(k.startswith('transhead.') for k in state):
+      comps['search_head'] = _strip(state, 'transhead.')
+  else:  # a backbone alone
+    comps['encoder'] = state
+  if fmt == 'dino' or is_resnet(comps['encoder']):  # DINO / torchvision: no fc on the backbone
+    comps['encoder'] = {k: v for k, v in comps['encoder'].items() if not k.startswith('fc.')}
+  info: dict[str, Any] = {'checkpoint_key': key, **_our_info(obj)}
+  for k in ('epoch', 'arch', 'arch_cnn', 'arch_vit'):
+    if isinstance(obj.get(k), (str, int)):
+      info[k] = obj[k]
+  return Split(fmt, comps, info)
+
+
+def split(obj: Any, fmt: str | None = None, checkpoint_key: str | None = None) -> Split:
+  """Takes a loaded checkpoint apart. ``fmt`` forces a format; None detects it.
+  ``checkpoint_key`` picks the model of a DINO / MOKD checkpoint."""
   if fmt is not None and fmt not in FORMATS:
     raise ConvertError(f'unknown --format {fmt!r}; choose one of {", ".join(FORMATS)}')
   if not isinstance(obj, dict):
     raise ConvertError(f'the checkpoint holds a {type(obj).__name__}, not a dict of tensors')
+  if fmt in ('dino', 'mokd') or (
+    fmt is None and not _is_state_dict(obj) and any(_is_state_dict(obj.get(k)) for k in DINO_KEYS)
+  ):
+    return _split_dino(obj, fmt or 'dino', checkpoint_key)
+  if fmt is None and any(_is_state_dict(obj.get(k)) for k in MOKD_KEYS):
+    return _split_dino(obj, 'mokd', checkpoint_key)
   state_dict = obj.get('state_dict')
   is_moco = isinstance(state_dict, dict) and any(
     k.startswith(('module.base_encoder.', 'base_encoder.')) for k in state_dict
@@ -139,7 +192,9 @@ def split(obj: Any, fmt: str | None = None) -> Split:
   if decoder:
     comps['decoder'] = decoder
   if fmt is None:
-    if decoder:
+    if is_resnet(encoder):
+      fmt = 'torchvision'
+    elif decoder:
       fmt = 'mae_full'
     elif 'fc_norm.weight' in encoder and 'norm.weight' not in encoder:
       fmt = 'mae_finetuned'

@@ -265,6 +265,10 @@ def build_pretraining(config: ml_collections.ConfigDict, total_steps: int):
 
 
 def build_objective(config: ml_collections.ConfigDict, num_classes: int, total_steps: int):
+  if config.objective in ('dino', 'mokd'):  # multi-crop self-distillation (builders_dino.py)
+    from moma_jax import builders_dino
+
+    return builders_dino.build(config, total_steps)
   if config.objective == 'moma':
     return build_moma(config)
   if config.objective == 'classification':
@@ -272,5 +276,6 @@ def build_objective(config: ml_collections.ConfigDict, num_classes: int, total_s
   if config.objective in ('mae', 'mocov3', 'dmae', 'rc_mae'):
     return build_pretraining(config, total_steps)
   raise ValueError(
-    f'unknown objective {config.objective!r}; one of moma, classification, mae, mocov3, dmae, rc_mae'
+    f'unknown objective {config.objective!r}; one of moma, classification, mae, mocov3, dmae, '
+    'rc_mae, dino, mokd'
   )

@@ -29,7 +29,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from moma_jax import storage
-from moma_jax.models import heads, vit
+from moma_jax.models import heads, resnet, vit
 
 METADATA_FILE = 'metadata.json'
 PARAMS_DIR = 'params'
@@ -75,6 +75,8 @@ MODULES: dict[str, type[nn.Module]] = {
   'ViT': vit.ViT,
   'MaeDecoder': heads.MaeDecoder,
   'MlpHead': heads.MlpHead,
+  'ResNet': resnet.ResNet,
+  'DinoHead': heads.DinoHead,
 }
 
 
@@ -153,6 +155,8 @@ def abstract_variables(spec: ComponentSpec) -> dict[str, Any]:
   if isinstance(module, vit.ViT):
     s = module.image_size
     args = (jnp.zeros((1, s, s, module.channels)),)
+  elif isinstance(module, resnet.ResNet):  # fully convolutional: any size gives the same tree
+    args = (jnp.zeros((1, 32, 32, module.channels)),)
   elif isinstance(module, heads.MaeDecoder):
     args = (jnp.zeros((1, 2, spec.input_dim)), jnp.zeros((1, 1), jnp.int32))
   else:

@@ -1,0 +1,242 @@
+"""DINO: loss, head, schedules and optimizer against PyTorch references written from the official
+code; multi-crop; ViT and ResNet backbones; 8 devices == 1; DINO checkpoints as MOMA teachers."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import multicrop_helpers
+import numpy as np
+import optax
+import pytest
+import torch
+
+from configs import common, dino_pretrain, moco_to_mae
+from convert.convert import convert_checkpoint, export_checkpoint
+from moma_jax import builders
+from moma_jax.models import heads, resnet, vit
+from moma_jax.models.pretrained import load_pretrained
+from moma_jax.objectives import dino
+
+import torch_reference as ref
+import torch_resnet as tr
+
+
+def test_dino_loss_and_center_match_torch_over_epochs():
+  k, b, ncrops = 32, 4, 6
+  loss_fn = tr.DINOLoss(k, ncrops, 0.04, 0.07, 3, 10)
+  center = jnp.zeros((1, k))
+  rng = np.random.RandomState(0)
+  for epoch in range(4):  # warm-up epochs 0..2, then the final temperature
+    s = rng.randn(ncrops * b, k).astype(np.float32) * 3
+    t = rng.randn(2 * b, k).astype(np.float32) * 3
+    expected = float(loss_fn(torch.from_numpy(s), torch.from_numpy(t), epoch))
+    temp = dino.teacher_temperature(epoch * 5 + 4, 5, 0.04, 0.07, 3)  # last step of the epoch
+    assert float(temp) == pytest.approx(loss_fn.teacher_temp_schedule[epoch], rel=1e-6)
+    loss, center = dino.dino_loss(jnp.split(s, ncrops), jnp.split(t, 2), center, temp)
+    np.testing.assert_allclose(float(loss), expected, rtol=1e-5)
+    np.testing.assert_allclose(center, loss_fn.center.numpy(), rtol=1e-5, atol=1e-7)
+
+
+def test_schedules_match_dino_cosine_scheduler():
+  def cosine_scheduler(base, final, epochs, niter, warmup_epochs=0):  # DINO's utils.py
+    warm = np.linspace(0, base, warmup_epochs * niter) if warmup_epochs else np.array([])
+    iters = np.arange(epochs * niter - warmup_epochs * niter)
+    sched = final + 0.5 * (base - final) * (1 + np.cos(np.pi * iters / len(iters)))
+    return np.concatenate((warm, sched))
+
+  ref_lr = cosine_scheduler(5e-4, 1e-6, 6, 7, warmup_epochs=2)
+  lr = dino.cosine_schedule(5e-4, 1e-6, 42, 14)
+  np.testing.assert_allclose([float(lr(i)) for i in range(42)], ref_lr, rtol=1e-5, atol=1e-10)
+  ref_wd = cosine_scheduler(0.04, 0.4, 6, 7)
+  wd = dino.cosine_schedule(0.04, 0.4, 42)
+  np.testing.assert_allclose([float(wd(i)) for i in range(42)], ref_wd, rtol=1e-5)
+
+
+def test_dino_head_matches_torch():
+  head = heads.DinoHead(out_dim=40, hidden_dim=24, bottleneck_dim=8, num_layers=3)
+  variables = head.init(jax.random.key(0), jnp.zeros((1, 16)))
+  variables = jax.tree.map(lambda v: v * 1.7, variables)  # weight_g != 1, so g is exercised
+  t_head = tr.DINOHead(16, 40, 3, 24, 8)
+  tr.load_flax(t_head, variables)
+  x = np.random.RandomState(0).randn(5, 16).astype(np.float32)
+  with torch.no_grad():
+    expected = t_head(torch.from_numpy(x)).numpy()
+  np.testing.assert_allclose(head.apply(variables, x), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize('n_in,n_out', [(14, 6), (8, 4), (7, 3), (4, 2)])
+def test_position_interpolation_matches_torch(n_in, n_out):
+  pos = np.random.RandomState(n_in).randn(1, n_in * n_in, 5).astype(np.float32)
+  expected = tr.interpolate_grid(torch.from_numpy(pos), n_out).numpy()
+  np.testing.assert_allclose(heads.resample_pos_grid(jnp.asarray(pos), n_out), expected, atol=1e-5)
+
+
+def test_dino_optimizer_matches_torch_adamw_and_sgd():
+  """Two param groups (decay / no decay), per-tensor clipping, last layer frozen in step 0."""
+  rng = np.random.RandomState(0)
+  p0 = {'w': rng.randn(3, 4).astype(np.float32), 'bias': rng.randn(4).astype(np.float32),
+        'last_layer': {'weight_v': rng.randn(2, 4).astype(np.float32)}}  # fmt: skip
+  grads = [jax.tree.map(lambda x: rng.randn(*x.shape).astype(np.float32) * 5, p0) for _ in range(3)]
+  lr = lambda s: 0.1 * (s + 1)  # noqa: E731
+  wd = lambda s: 0.05 * (s + 1)  # noqa: E731
+  for kind in ('adamw', 'sgd'):
+    tx = dino.dino_optimizer(kind, lr, wd, clip=3.0, freeze_last_layer_steps=1)
+    params, state = jax.tree.map(jnp.asarray, p0), None
+    state = tx.init(params)
+    tp = {k: torch.nn.Parameter(torch.from_numpy(np.array(v))) for k, v in
+          (('w', p0['w']), ('bias', p0['bias']), ('v', p0['last_layer']['weight_v']))}  # fmt: skip
+    groups = [{'params': [tp['w'], tp['v']]}, {'params': [tp['bias']], 'weight_decay': 0.0}]
+    opt = (
+      torch.optim.AdamW(groups) if kind == 'adamw' else torch.optim.SGD(groups, lr=0, momentum=0.9)
+    )
+    for step, g in enumerate(grads):
+      upd, state = tx.update(jax.tree.map(jnp.asarray, g), state, params)
+      params = optax.apply_updates(params, upd)
+      for i, group in enumerate(opt.param_groups):
+        group['lr'] = lr(step)
+        if i == 0:
+          group['weight_decay'] = wd(step)
+      opt.zero_grad()
+      for name, key in (('w', ('w',)), ('bias', ('bias',)), ('v', ('last_layer', 'weight_v'))):
+        gv = g[key[0]] if len(key) == 1 else g[key[0]][key[1]]
+        tp[name].grad = torch.from_numpy(np.array(gv))
+      for p in tp.values():  # DINO's clip_gradients
+        norm = p.grad.norm(2)
+        coef = 3.0 / (norm + 1e-6)
+        if coef < 1:
+          p.grad.mul_(coef)
+      if step < 1:  # cancel_gradients_last_layer
+        tp['v'].grad = None
+      opt.step()
+      for name, key in (('w', ('w',)), ('bias', ('bias',)), ('v', ('last_layer', 'weight_v'))):
+        mine = params[key[0]] if len(key) == 1 else params[key[0]][key[1]]
+        np.testing.assert_allclose(mine, tp[name].detach().numpy(), rtol=2e-5, atol=2e-6,
+                                   err_msg=f'{kind} step {step} {name}')  # fmt: skip
+
+
+def _tiny_dino(backbone, num_local=2, total=10):
+  return dino.Dino(
+    backbone, heads.DinoHead(32, 16, 8), total_steps=total, steps_per_epoch=2, num_local=num_local,
+    warmup_teacher_temp_epochs=2, global_size=16, local_size=8,
+  )  # fmt: skip
+
+
+def _vit16():
+  return vit.ViT(**vit.decode_variant('pico/4').kwargs(), image_size=16)
+
+
+@pytest.mark.parametrize('kind', ['vit', 'resnet'])
+def test_dino_loss_is_the_official_formula_on_the_models(kind):
+  """Dino.loss == DINOLoss over (head(backbone(crop))) with crops of two sizes, step 0."""
+  backbone = _vit16() if kind == 'vit' else resnet.ResNet(**resnet.decode_variant('resnet_pico'))
+  obj = _tiny_dino(backbone)
+  params, extra = obj.init(jax.random.key(0))
+  batch = multicrop_helpers.batch(4, 0)
+  loss, (metrics, new) = obj.loss(params, extra, {}, batch, jax.random.key(1))
+  x_g = obj.input_norm(jnp.concatenate([batch['global1'], batch['global2']]))
+  x_l = obj.input_norm(jnp.concatenate([batch['local1'], batch['local2']]))
+  bn = extra.get('student_bn', {})
+  f_g, _, bn = dino.encode(backbone, params['backbone'], bn, x_g, train=True)
+  f_l, _, _ = dino.encode(backbone, params['backbone'], bn, x_l, train=True)
+  s = jnp.concatenate([obj.head.apply({'params': params['head']}, f) for f in (f_g, f_l)])
+  t_feat, _, _ = dino.encode(backbone, params['backbone'], extra.get('teacher_bn', {}), x_g,
+                             train=True)  # fmt: skip
+  t = obj.head.apply({'params': params['head']}, t_feat)  # step 0: teacher == student
+  loss_fn = tr.DINOLoss(32, 4, 0.04, 0.07, 2, 5)
+  expected = loss_fn(torch.from_numpy(np.array(s)), torch.from_numpy(np.array(t)), 0)
+  np.testing.assert_allclose(float(loss), float(expected), rtol=1e-5)
+  np.testing.assert_allclose(new['center'], loss_fn.center.numpy(), rtol=1e-5, atol=1e-7)
+  assert int(new['step']) == 1 and float(metrics['teacher_temp']) == pytest.approx(0.04)
+
+
+@pytest.mark.parametrize('kind', ['vit', 'resnet'])
+def test_dino_8_devices_equal_1(kind):
+  """Center, BatchNorm statistics and the loss mean span the global batch, whatever the mesh."""
+  make = _vit16 if kind == 'vit' else lambda: resnet.ResNet(**resnet.decode_variant('resnet_pico'))
+  ref_l, ref_p, ref_e = multicrop_helpers.train_steps(
+    _tiny_dino(make()), {'data': 1}, jax.devices()[:1], 0.05
+  )
+  for axes in ({'data': 8}, {'data': 1, 'fsdp': 8}) if kind == 'vit' else ({'data': 2, 'fsdp': 4},):
+    losses, p, e = multicrop_helpers.train_steps(_tiny_dino(make()), axes, jax.devices(), 0.05)
+    np.testing.assert_allclose(losses, ref_l, rtol=1e-5)
+    close = lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)  # noqa: E731
+    jax.tree.map(close, p, ref_p)
+    jax.tree.map(close, e, ref_e)
+
+
+def _dino_torch_vit(depth=2, dim=32, heads_=2):
+  model = ref.VisionTransformer(img_size=16, patch=4, dim=dim, depth=depth, heads=heads_)
+  model.pos_embed.requires_grad_(True)  # DINO learns its position embeddings
+  return model
+
+
+def test_dino_vit_checkpoint_converts_and_serves_as_moma_teacher(tmp_path):
+  """Official DINO training checkpoint ('teacher' / 'student', 'module.' / 'backbone.') ->
+  converted ViT + head equal to PyTorch's, usable as teachers.dino.checkpoint=..."""
+  torch.manual_seed(0)
+  backbone = _dino_torch_vit()
+  head = tr.DINOHead(32, 48, 3, 24, 8)
+  teacher = {f'backbone.{k}': v for k, v in backbone.state_dict().items()}
+  teacher.update({f'head.{k}': v for k, v in head.state_dict().items()})
+  student = {f'module.{k}': v.clone() + 1 for k, v in teacher.items()}
+  src = str(tmp_path / 'checkpoint.pth')
+  torch.save({'student': student, 'teacher': teacher, 'epoch': 3,
+              'dino_loss': {'center': torch.zeros(1, 48)}}, src)  # fmt: skip
+  meta = convert_checkpoint(src, str(tmp_path / 'conv'), num_heads=2)
+  assert meta['format'] == 'dino' and meta['source']['checkpoint_key'] == 'teacher'
+  loaded = load_pretrained(str(tmp_path / 'conv'))
+  x = np.random.RandomState(0).randn(3, 16, 16, 3).astype(np.float32)
+  tokens, _ = loaded.model.apply(loaded.params, x)
+  with torch.no_grad():
+    t_tokens, _ = backbone.forward_encoder(torch.from_numpy(x).permute(0, 3, 1, 2))
+    t_logits = head(t_tokens[:, 0]).numpy()
+  np.testing.assert_allclose(tokens, t_tokens.numpy(), rtol=1e-5, atol=1e-5)
+  h = loaded.heads['head']
+  np.testing.assert_allclose(h.module.apply(h.variables, tokens[:, 0]), t_logits, atol=1e-5)
+  # The student is there too, behind --checkpoint-key.
+  convert_checkpoint(src, str(tmp_path / 'stu'), num_heads=2, checkpoint_key='student')
+  stu = load_pretrained(str(tmp_path / 'stu'))
+  np.testing.assert_allclose(
+    stu.params['params']['cls_token'], loaded.params['params']['cls_token'] + 1
+  )
+  # ... and DINO's layout back out.
+  export_checkpoint(str(tmp_path / 'conv'), str(tmp_path / 'back.pth'), fmt='dino')
+  back = torch.load(str(tmp_path / 'back.pth'), weights_only=True)
+  for k, v in teacher.items():
+    np.testing.assert_array_equal(back['teacher'][k].numpy(), v.numpy(), err_msg=k)
+  # A MOMA teacher, straight from the official file.
+  c = moco_to_mae.get_config('runlocal')
+  c.teachers = {'dino': common.teacher(src, student_view='masked')}
+  c.data.image_size = 16
+  c.data.views = {k: dict(v, size=16) for k, v in c.data.views.items()}
+  c.student.checkpoint = ''
+  c.student.variant = 'pico/4'
+  with pytest.raises(ValueError, match='heads'):  # width 32: the number of heads is not guessable
+    builders.build_moma(c)
+  convert_checkpoint(src, str(tmp_path / 'conv2'), num_heads=2)
+  c.teachers.dino.checkpoint = str(tmp_path / 'conv2')
+  objective, frozen, _, notes = builders.build_moma(c)
+  assert objective.teachers['dino'].model.depth == 2 and 'teacher dino' in notes[1]
+  np.testing.assert_array_equal(
+    frozen['dino']['params']['cls_token'], loaded.params['params']['cls_token']
+  )
+
+
+def test_bad_inputs_fail_in_one_line_before_compiling(tmp_path):
+  c = dino_pretrain.get_config('runlocal')
+  views = c.data.views
+  views.local2.size = 12
+  with pytest.raises(ValueError, match=r'mismatched local crop sizes'):
+    builders.build_objective(c, 10, 100)
+  views.local2.size = 16
+  for v in ('local1', 'local2', 'local3', 'local4'):
+    views[v].size = 18
+  with pytest.raises(ValueError, match='local crop size 18 is not divisible by the patch size 4'):
+    builders.build_objective(c, 10, 100)
+  # A ResNet checkpoint where a ViT is expected (a MOMA teacher).
+  torch.save(tr.ResNet(tr.BasicBlock, [1, 1, 1, 1], 0, 8, True).state_dict(), tmp_path / 'r.pth')
+  m = moco_to_mae.get_config('runlocal')
+  m.teachers = {'t': common.teacher(str(tmp_path / 'r.pth'))}
+  with pytest.raises(ValueError, match=r'holds a ResNet \(resnet_pico\), but a ViT is needed'):
+    builders.build_moma(m)
