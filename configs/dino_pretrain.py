@@ -92,9 +92,12 @@ def runlocal(c, arch: str) -> None:
   c.data.views = multicrop_views(32, 16, 4, *scales)
   c.batch_size = 64
   c.num_train_steps = 300
-  c.optim.update(warmup_steps=30, min_lr=1e-5)
+  # The same optimizers as the two models of configs/mokd.py:runlocal (DINO alone vs MOKD).
   if c.optim.name == 'adamw':
-    c.optim.base_lr = 2e-3
+    c.optim.update(base_lr=2e-3, min_lr=1e-5, warmup_steps=30)
+  else:
+    c.optim.update(base_lr=0.3, min_lr=1e-3, warmup_steps=30)
+    c.dino.warmup_teacher_temp_epochs = 5
   c.log_every = 25
   c.checkpoint_every = 100
   c.evaluators.knn.update(eval_split='test', raw_pixels=True, batch_size=256)

@@ -11,6 +11,8 @@ CONFIGS = [
   'finetune',
   'linear_probe',
   'transfer_cifar',
+  'dino_pretrain',
+  'mokd',
 ]
 
 

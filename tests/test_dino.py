@@ -240,3 +240,16 @@ def test_bad_inputs_fail_in_one_line_before_compiling(tmp_path):
   m.teachers = {'t': common.teacher(str(tmp_path / 'r.pth'))}
   with pytest.raises(ValueError, match=r'holds a ResNet \(resnet_pico\), but a ViT is needed'):
     builders.build_moma(m)
+
+
+def test_drop_path_on_the_student_only():
+  """The student ViT gets drop path (its own dropout key); the teacher never does."""
+  obj = _tiny_dino(_vit16().clone(drop_path=0.5))
+  params, extra = obj.init(jax.random.key(0))
+  batch = multicrop_helpers.batch(2, 0)
+  losses = [
+    float(jax.jit(obj.loss)(params, extra, {}, batch, jax.random.key(k))[0]) for k in (1, 2)
+  ]
+  assert losses[0] != losses[1]  # different drop-path masks
+  feats = obj.features(params, extra, {}, batch['global1'])
+  assert np.isfinite(np.asarray(feats)).all()

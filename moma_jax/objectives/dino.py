@@ -439,8 +439,10 @@ class Dino:
         self.backbone, params['backbone'], s_bn, locals_, train=True, rng=k_l
       )
       student.append(self.head.apply({'params': params['head']}, feat_l))
+    # The teacher: train-mode BatchNorm (DINO never switches it to eval), no drop path.
+    is_cnn = isinstance(self.backbone, resnet.ResNet)
     t_feat, _, t_bn = encode(
-      self.backbone, teacher['backbone'], extra.get('teacher_bn', {}), globals_, train=True
+      self.backbone, teacher['backbone'], extra.get('teacher_bn', {}), globals_, train=is_cnn
     )
     t_out = self.head.apply({'params': teacher['head']}, jax.lax.stop_gradient(t_feat))
     n_crops = 2 + len(l_names)

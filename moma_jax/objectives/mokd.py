@@ -306,7 +306,7 @@ class Mokd:
     return feat.astype(jnp.float32)
 
   def extra_features(self):
-    return {'cnn': self.cnn_features}
+    return {'teacher_cnn': self.cnn_features}  # reported as knn/teacher_cnn
 
   def make_optimizer(self, config, total_steps: int, steps_per_epoch: int):
     """optax multi_transform over {'cnn': SGD, 'vit': AdamW}, each with its own schedules."""
