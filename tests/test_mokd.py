@@ -251,3 +251,53 @@ def test_mokd_config_and_bad_inputs(tmp_path):
   with pytest.raises(ValueError, match='mismatched global crop sizes'):
     builders.build_objective(c, 10, 300)
   assert dino.view_names(2) == (('global1', 'global2'), ('local1', 'local2'))
+
+
+def test_mokd_starts_from_a_torchvision_resnet_checkpoint(tmp_path):
+  torch.manual_seed(0)
+  model = tr.ResNet(tr.BasicBlock, [1, 1, 1, 1], 10, 16, True).randomize()  # with an fc
+  torch.save(model.state_dict(), tmp_path / 'r.pth')
+  c = mokd_config.get_config(f'runlocal,cnn_checkpoint={tmp_path / "r.pth"}')
+  objective, _, start, notes = builders.build_objective(c, 10, 300)
+  assert objective.cnn.num_classes == 0 and 'resnet_mu' in notes[0]  # DINO's fc = Identity
+  params, extra = objective.init(jax.random.key(0), start)
+  w = model.state_dict()['layer2.0.conv1.weight'].numpy().transpose(2, 3, 1, 0)
+  np.testing.assert_array_equal(params['cnn']['backbone']['layer2_0']['conv1']['kernel'], w)
+  mean = model.state_dict()['bn1.running_mean'].numpy()
+  np.testing.assert_array_equal(extra['teacher_cnn_bn']['bn1']['mean'], mean)
+
+
+def test_mokd_checkpoint_converts_either_teacher(tmp_path):
+  """MOKD's checkpoint: teacher_vit (plain) and teacher_cnn (DDP 'module.'), each with backbone /
+  head / transhead; --checkpoint-key picks the model, the search head is noted, not converted."""
+  from convert.__main__ import main as convert_cli
+  from moma_jax.models.pretrained import load_pretrained
+
+  torch.manual_seed(0)
+  v = ref.VisionTransformer(img_size=16, patch=4, dim=32, depth=1, heads=2)
+  cnn = tr.ResNet(tr.BasicBlock, [1, 1, 1, 1], 0, 8, True).randomize()
+  state = lambda prefix, m: {f'{prefix}{k}': t for k, t in m.state_dict().items()}  # noqa: E731
+  teacher_vit = {**state('backbone.', v), **state('head.', tr.DINOHead(32, 24, 3, 16, 8)),
+                 **state('transhead.', tr.THead(24, 4, 32, 1, 2))}  # fmt: skip
+  teacher_cnn = {**state('module.backbone.', cnn), **state('module.head.', tr.DINOHead(64, 24, 3, 16, 8)),
+                 **state('module.transhead.', tr.THead(24, 2, 32, 1, 2, in_chans=64))}  # fmt: skip
+  src = tmp_path / 'mokd.pth'
+  torch.save({'teacher_vit': teacher_vit, 'teacher_cnn': teacher_cnn, 'epoch': 5,
+              'arch_cnn': 'resnet18', 'arch_vit': 'vit_small'}, src)  # fmt: skip
+  assert convert_cli(['--src', str(src), '--dst', str(tmp_path / 'v'), '--num-heads', '2']) == 0
+  vit_ckpt = load_pretrained(str(tmp_path / 'v'))
+  assert vit_ckpt.metadata['format'] == 'mokd' and set(vit_ckpt.heads) == {'head'}
+  assert any('transhead' in n for n in vit_ckpt.metadata['notes'])
+  args = ['--src', str(src), '--dst', str(tmp_path / 'c'), '--checkpoint-key', 'teacher_cnn']
+  assert convert_cli(args) == 0
+  cnn_ckpt = load_pretrained(str(tmp_path / 'c'))
+  assert isinstance(cnn_ckpt.model, resnet.ResNet) and cnn_ckpt.metadata['variant'] == 'resnet_pico'
+  x = np.random.RandomState(0).randn(2, 16, 16, 3).astype(np.float32)
+  cnn.eval()
+  with torch.no_grad():
+    expected = cnn.forward_features(torch.from_numpy(x).permute(0, 3, 1, 2))[0].numpy()
+  np.testing.assert_allclose(cnn_ckpt.model.apply(cnn_ckpt.params, x)[0], expected, atol=1e-5)
+  assert (
+    convert_cli(['--src', str(src), '--dst', str(tmp_path / 'x'), '--checkpoint-key', 'teacher'])
+    == 2
+  )
