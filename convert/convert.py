@@ -212,7 +212,9 @@ def _dino_head_spec(state: dict, what: str, input_dim: int) -> ComponentSpec:
   return ComponentSpec(
     'DinoHead',
     dict(
-      out_dim=state['last_layer.weight_v'].shape[0], hidden_dim=hidden, bottleneck_dim=bottleneck,
+      out_dim=state['last_layer.weight_v'].shape[0],
+      hidden_dim=hidden,
+      bottleneck_dim=bottleneck,
       num_layers=layers,
     ),
     input_dim=input_dim,

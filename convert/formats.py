@@ -26,7 +26,16 @@ from convert import torch_format
 from convert.errors import ConvertError
 from moma_jax import storage
 
-FORMATS = ('mae_pretrain', 'mae_full', 'mae_finetuned', 'mocov3', 'timm', 'torchvision', 'dino', 'mokd')
+FORMATS = (
+  'mae_pretrain',
+  'mae_full',
+  'mae_finetuned',
+  'mocov3',
+  'timm',
+  'torchvision',
+  'dino',
+  'mokd',
+)
 DINO_KEYS = ('teacher', 'student')
 MOKD_KEYS = ('teacher_vit', 'teacher_cnn', 'student_vit', 'student_cnn')
 StateDict = dict[str, np.ndarray]

@@ -165,10 +165,21 @@ def _check_data(c: ml_collections.ConfigDict) -> None:
     if not root.is_dir():
       _fail('data.name', name, 'is a file; folder: needs a directory with one sub-folder per class')
   elif name != 'digits_m':
-    for key in ('data_dir', 'manual_dir'):
-      path = d.get(key)
-      if path and not storage.is_remote(path) and not os.path.isdir(path):
-        _fail(f'data.{key}', path, 'no such directory')
+    local = {
+      k: d.get(k) for k in ('data_dir', 'manual_dir') if d.get(k) and not storage.is_remote(d[k])
+    }
+    if 'manual_dir' in local and not os.path.isdir(local['manual_dir']):
+      _fail(
+        'data.manual_dir',
+        local['manual_dir'],
+        'no such directory (it holds the downloaded archives)',
+      )
+    if 'data_dir' in local and not d.get('manual_dir') and not os.path.isdir(local['data_dir']):
+      _fail(
+        'data.data_dir',
+        local['data_dir'],
+        'no such directory; give data.manual_dir too to prepare the dataset there',
+      )
   for key in ('train_split', 'eval_split'):
     _check_split(name, f'data.{key}', d[key])
   for vname, view in dict(d.views).items():

@@ -20,6 +20,7 @@ import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_PROGRESS = re.compile(r'step \d+/\d+ ')  # train.py's progress line
 
 
 def _command(workdir: str, steps: int, checkpoint_every: int) -> list[str]:
@@ -60,10 +61,13 @@ def run(workdir: str, kills: int, steps: int, checkpoint_every: int, seed: int,
     lines: list[str] = []
     reader = threading.Thread(target=lines.extend, args=(proc.stderr,), daemon=True)
     reader.start()
-    # Wait until training runs (its first metrics line), then kill at a random moment after.
+    # Wait until training runs (its first progress line, `step N/M ...`), then kill at a random
+    # moment after.
     t0 = time.time()
     while (
-      proc.poll() is None and not any('grad_norm=' in ln for ln in lines) and time.time() - t0 < 300
+      proc.poll() is None
+      and not any(_PROGRESS.search(ln) for ln in lines)
+      and time.time() - t0 < 300
     ):
       time.sleep(0.05)
     delay = rng.uniform(min_delay, max_delay)

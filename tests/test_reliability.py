@@ -149,7 +149,7 @@ def test_bad_teacher_checkpoints_fail_fast_with_one_line(tmp_path, converted_tea
   err = [ln for ln in r.stderr.splitlines() if ln.startswith('error: ')]
   assert len(err) == 1, r.stderr[-2000:]
   expected = {
-    'missing': 'not a converted checkpoint directory',
+    'missing': 'no such file or directory',
     'pth_file': 'not a readable PyTorch checkpoint',  # files are converted on the fly
     'deleted_file': 'corrupt or truncated',
     'flipped_byte': 'corrupt or truncated',
@@ -185,7 +185,7 @@ def test_full_disk_during_a_save_keeps_the_previous_checkpoint(tmp_path):
   r = subprocess.run(
     ['bash', '-c', limited], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
   )
-  assert r.returncode == 2
+  assert r.returncode == 1, r.stderr[-3000:]  # a runtime failure (2 is for bad usage)
   err = [ln for ln in r.stderr.splitlines() if ln.startswith('error: ')]
   assert len(err) == 1 and 'could not write the checkpoint of step 20' in err[0], r.stderr[-3000:]
   assert 'the checkpoint of step 10 is intact' in err[0]

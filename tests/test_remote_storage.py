@@ -16,119 +16,34 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import urllib.parse
-import urllib.request
 
 import numpy as np
 import pytest
 
-from convert import torch_format
-from moma_jax.experiments import teachers
+pytest.importorskip('gcp_storage_emulator')
 
-_objects_handlers = pytest.importorskip('gcp_storage_emulator.handlers.objects')
+from convert import torch_format  # noqa: E402
+from moma_jax.experiments import teachers  # noqa: E402
 
-
-def _download_with_generation(request, response, storage, *args, **kwargs):
-  """Real GCS sends every object's generation in x-goog-generation; this emulator does not, and
-  tensorstore (orbax's checkpoint arrays) needs it for its conditional read-modify-writes."""
-  _original_download(request, response, storage, *args, **kwargs)
-  try:
-    obj = storage.get_file_obj(request.params['bucket_name'], request.params['object_id'])
-  except Exception:  # noqa: BLE001 -- not found: the response already says so
-    return
-  response['x-goog-generation'] = str(obj['generation'])
-  response['x-goog-metageneration'] = str(obj.get('metageneration', '1'))
-
-
-def _move(request, response, storage, *args, **kwargs):
-  """objects.move (POST .../o/SRC/moveTo/o/DST), which gcsfs uses for renames and this emulator
-  lacks: a copy then a delete, as the API promises (atomically, on real GCS)."""
-  p = request.params
-  try:
-    obj = _objects_handlers._copy(
-      request.base_url, storage, p['bucket_name'], p['object_id'], p['bucket_name'],
-      p['dest_object_id'],
-    )  # fmt: skip
-  except Exception:  # noqa: BLE001 -- the emulator's NotFound
-    response.status = 404
-    return
-  _objects_handlers._delete(storage, p['bucket_name'], p['object_id'])
-  response.json(obj)
-
-
-# Patched before the server module builds its routing table from these handlers.
-_original_download = _objects_handlers.download
-_objects_handlers.download = _download_with_generation
-gcp_storage_emulator = pytest.importorskip('gcp_storage_emulator.server')
-gcp_storage_emulator.HANDLERS = (
-  (
-    r'^/storage/v1/b/(?P<bucket_name>[-.\w]+)/o/(?P<object_id>.*[^/]+)/moveTo/o/'
-    r'(?P<dest_object_id>.*[^/]+)$',
-    {'POST': _move},
-  ),
-  *gcp_storage_emulator.HANDLERS,
-)
+from gcs_emulator import BUCKET, download, emulator_env, gcs_emulator, list_objects, upload  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BUCKET = 'moma-test'
-
-
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
 
 
 @pytest.fixture(scope='module')
 def gcs():
-  port = _free_port()
-  server = gcp_storage_emulator.create_server(
-    '127.0.0.1', port, in_memory=True, default_bucket=BUCKET
-  )
-  server.start()
-  yield f'http://127.0.0.1:{port}'
-  server.stop()
-
-
-def _env(url: str) -> dict[str, str]:
-  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
-  env.update(
-    STORAGE_EMULATOR_HOST=url,
-    EPATH_USE_TF='false',
-    TENSORSTORE_GCS_HTTP_URL=url,
-    GOOGLE_AUTH_TOKEN_FOR_TESTING='emulator',
-    JAX_PLATFORMS='cpu',
-  )
-  return env
+  with gcs_emulator() as (url, _):
+    yield url
 
 
 def _objects(url: str, prefix: str) -> dict[str, int]:
-  """{object name: size} under ``prefix``, from the emulator's JSON API."""
-  q = urllib.parse.urlencode({'prefix': prefix})
-  with urllib.request.urlopen(f'{url}/storage/v1/b/{BUCKET}/o?{q}') as r:
-    items = json.load(r).get('items', [])
-  return {o['name']: int(o['size']) for o in items}
+  return list_objects(url, BUCKET, prefix)
 
 
 def _download(url: str, name: str, dst: str) -> str:
-  quoted = urllib.parse.quote(name, safe='')
-  with urllib.request.urlopen(f'{url}/storage/v1/b/{BUCKET}/o/{quoted}?alt=media') as r:
-    with open(dst, 'wb') as f:
-      f.write(r.read())
-  return dst
-
-
-def _upload(url: str, src: str, name: str) -> str:
-  q = urllib.parse.urlencode({'uploadType': 'media', 'name': name})
-  with open(src, 'rb') as f:
-    req = urllib.request.Request(
-      f'{url}/upload/storage/v1/b/{BUCKET}/o?{q}', data=f.read(), method='POST'
-    )
-  urllib.request.urlopen(req).close()
-  return f'gs://{BUCKET}/{name}'
+  return download(url, BUCKET, name, dst)
 
 
 def _run(args: list[str], env: dict[str, str], cwd: str) -> subprocess.CompletedProcess:
@@ -140,9 +55,9 @@ def _run(args: list[str], env: dict[str, str], cwd: str) -> subprocess.Completed
 
 
 def test_train_preempt_resume_export_on_gcs(gcs, tmp_path):
-  env = _env(gcs)
+  env = emulator_env(gcs)
   # The teacher comes from the bucket too (an official-format PyTorch file, converted on the fly).
-  teacher = _upload(gcs, teachers.path('mocov3_mu'), 'teachers/mocov3_mu4_digits.pth.tar')
+  teacher = upload(gcs, BUCKET, teachers.path('mocov3_mu'), 'teachers/mocov3_mu4_digits.pth.tar')
   workdir = f'gs://{BUCKET}/runs/m2m'
   common = [
     os.path.join(ROOT, 'main.py'),

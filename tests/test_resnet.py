@@ -6,13 +6,14 @@ import jax
 import numpy as np
 import pytest
 import torch
-import torch_resnet as tr
 
 from convert.__main__ import main as convert_cli
 from convert.convert import convert_checkpoint, export_checkpoint
 from convert.errors import ConvertError
 from moma_jax.models import resnet
 from moma_jax.models.pretrained import load_pretrained
+
+import torch_resnet as tr
 
 
 def _torch_out(model, x):

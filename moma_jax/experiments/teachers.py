@@ -22,7 +22,11 @@ import time
 
 from convert.convert import sha256
 
-TEACHER_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(__file__))), 'teachers')
+# realpath: the same files under one name however the package was reached (symlinks, installs), so
+# a workdir's experiment fingerprint does not change with the way the trainer was started.
+TEACHER_DIR = os.path.join(
+  os.path.dirname(os.path.dirname(os.path.dirname(os.path.realpath(__file__)))), 'teachers'
+)
 SUMS = 'SHA256SUMS'
 
 

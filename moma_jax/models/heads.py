@@ -236,9 +236,9 @@ class TransHead(nn.Module):
     CNN head also returns the spatial mean of its reduced map (MOKD's CNN feature for search)."""
     pooled = None
     if self.in_channels:
-      x = nn.Conv(
-        self.width, (1, 1), dtype=self.dtype, kernel_init=_TRUNC_02, name='patch_embed'
-      )(x)
+      x = nn.Conv(self.width, (1, 1), dtype=self.dtype, kernel_init=_TRUNC_02, name='patch_embed')(
+        x
+      )
       pooled = x.mean(axis=(1, 2))
       b, h, w, d = x.shape
       if h != w:
@@ -252,9 +252,9 @@ class TransHead(nn.Module):
     if query is not None:
       x = jnp.concatenate([query[:, None].astype(x.dtype), x], axis=1)
     for i in range(self.depth):
-      x = Block(
-        self.num_heads, self.mlp_ratio * self.width, dtype=self.dtype, name=f'blocks_{i}'
-      )(x)
+      x = Block(self.num_heads, self.mlp_ratio * self.width, dtype=self.dtype, name=f'blocks_{i}')(
+        x
+      )
     x = nn.LayerNorm(epsilon=LN_EPS, dtype=self.dtype, name='norm')(x)
     if query is not None:
       x = x[:, 1:]

@@ -305,6 +305,7 @@ def load_pretrained(path: storage.PathLike, **model_overrides: Any) -> Pretraine
     gives (tokens or logits, intermediates); images are [B, H, W, 3] normalised with
     ``metadata['mean']`` / ``metadata['std']``.
   """
+  path = storage.resolve(path)  # orbax wants absolute paths
   meta = read_metadata(path)
   specs = {k: ComponentSpec(**v) for k, v in meta['components'].items()}
   params_dir = storage.Path(path) / PARAMS_DIR

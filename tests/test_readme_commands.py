@@ -1,0 +1,207 @@
+"""The README's commands, run as a user runs them.
+
+Every command of README.md's ```bash blocks is extracted. Each is either run here, from a scratch
+directory outside the repository (holding only links to main.py, configs/, the packages and
+teachers/), or listed in SKIPPED with the reason it cannot run on this machine. Placeholders are
+environment variables the README names ($WD, $TFDS, $MANUAL, $CKPT, $BUCKET, ...), set to real
+things: a fake ImageNet written by moma_jax/data/fake_imagenet.py and prepared by the real tfds
+builder, official-format PyTorch checkpoints written in the test (tiny ViTs at 224 px, patch 16),
+and a GCS emulator bucket for the gs:// converter commands. Training commands are shortened only
+with --config overrides (steps; batch sizes of the ImageNet configs); a --workdir under /tmp is
+moved into the test's scratch directory.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from moma_jax.data import fake_imagenet
+
+import torch_reference as ref
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+README = os.path.join(ROOT, 'README.md')
+
+# Commands that cannot run here, by their first words, with the reason.
+SKIPPED = {
+  'python3 -m venv': 'the install lines themselves: CI runs them (.ci/run); their main job runs below',
+  'pip install': 'installation',
+  'python -m pytest': 'the test suite itself',
+  'python -m moma_jax.experiments.small_scale': '20 minutes; a CI-sized run is in tests/test_experiments.py',
+  'python -m moma_jax.experiments.teachers': '15 minutes; the shipped files are checked in tests/test_experiments.py',
+  'python benchmarks/': 'benchmarks (timings, minutes to hours); not tests',
+  'python scripts/fault_injection.py': 'minutes; a CI-sized run is in tests/test_reliability.py',
+  'gcloud': 'Cloud TPU only',
+  'tfds build': 'needs the internet',
+}
+# Commands that need data that cannot be had offline.
+NEEDS_INTERNET = ('configs/transfer_cifar.py',)  # CIFAR-100 through tfds
+
+SHORT = ['--config.num_train_steps=2', '--config.log_every=1', '--config.checkpoint_every=2']
+# ImageNet configs: the paper's batch of 4096 and 1024-image evaluation batches, cut for a CPU.
+SHORT_IMAGENET = SHORT + [
+  '--config.batch_size=8', '--config.evaluators.knn.batch_size=8',
+  '--config.evaluators.knn.max_train=16',
+]  # fmt: skip
+
+
+def readme_commands() -> list[str]:
+  """Every command line of the README's bash blocks: continuations joined, comments dropped."""
+  text = open(README).read()
+  out = []
+  for block in re.findall(r'```bash\n(.*?)```', text, re.S):
+    for line in block.replace('\\\n', ' ').splitlines():
+      line = re.sub(r'\s+#\s.*$', '', line).strip()
+      if line and not line.startswith('#'):
+        out.append(' '.join(line.split()))
+  return out
+
+
+def _skip_reason(cmd: str) -> str | None:
+  for prefix, why in SKIPPED.items():
+    if cmd.startswith(prefix):
+      return why
+  if any(n in cmd for n in NEEDS_INTERNET):
+    return 'needs a dataset that cannot be downloaded here'
+  return None
+
+
+def _kind(cmd: str) -> str:
+  if cmd.startswith(('python -m convert', 'moma-convert')):
+    return 'convert'
+  if cmd.startswith(('python -m moma_jax.evaluators.knn', 'moma-knn')):
+    return 'knn'
+  if cmd.startswith('python -m moma_jax.data.fake_imagenet'):
+    return 'fake_imagenet'
+  if cmd.startswith(('python main.py', 'moma-train')):
+    return 'runlocal' if ':runlocal' in cmd else 'imagenet'
+  raise AssertionError(f'README command not handled by this test (add it or skip it): {cmd}')
+
+
+def test_every_readme_command_is_run_or_skipped_with_a_reason():
+  kinds = {}
+  for cmd in readme_commands():
+    if _skip_reason(cmd) is None:
+      kinds.setdefault(_kind(cmd), []).append(cmd)
+  # What the tests below cover: the README must keep having each kind.
+  assert {'convert', 'knn', 'runlocal', 'imagenet'} <= set(kinds), kinds
+
+
+# --- the sandbox ------------------------------------------------------------------------------------
+
+
+def _official_files(d) -> None:
+  """Tiny official-format checkpoints under the README's file names (ViTs 192 wide, 2 deep, 224 px,
+  patch 16: 3 heads for MAE / timm, as the converter assumes for that width; 12 for MoCo v3)."""
+  torch.manual_seed(0)
+  vit = dict(img_size=224, patch=16, dim=192, depth=2)
+  for name in ('mae_pretrain_vit_base.pth', 'mae_pretrain_vit_large.pth'):
+    ref.save_mae(ref.VisionTransformer(**vit, heads=3), str(d / name))
+  ref.save_mae(
+    ref.VisionTransformer(**vit, heads=3, decoder_dim=64, decoder_depth=1, decoder_heads=16),
+    str(d / 'mae_visualize_vit_large.pth'),
+  )
+  ref.save_mae(
+    ref.VisionTransformer(**vit, heads=3, num_classes=10, global_pool=True),
+    str(d / 'mae_finetuned_vit_base.pth'),
+  )
+  ref.save_mocov3(ref.VisionTransformer(**vit, heads=12), str(d / 'vit-b-300ep.pth.tar'))
+  ref.save_mocov3(
+    ref.VisionTransformer(**vit, heads=12), str(d / 'vit-s-300ep.pth.tar'), arch='vit_small'
+  )
+  timm = ref.VisionTransformer(**vit, heads=3, num_classes=10)
+  torch.save(timm.state_dict(), str(d / 'deit_small_patch16_224.pth'))
+  ref.save_safetensors(timm, str(d / 'model.safetensors'))
+
+
+@pytest.fixture(scope='module')
+def sandbox(tmp_path_factory):
+  d = tmp_path_factory.mktemp('user')
+  for name in ('main.py', 'configs', 'moma_jax', 'convert', 'teachers'):
+    os.symlink(os.path.join(ROOT, name), d / name)
+  _official_files(d)
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  env.update(JAX_PLATFORMS='cpu', PYTHONPATH=str(d))
+  for var in ('WD', 'WD2', 'WD3', 'FT', 'FT2', 'FT3', 'LP', 'LP2', 'TR'):
+    env[var] = str(d / 'runs' / var.lower())
+  env.update(TFDS=str(d / 'tfds'), MANUAL=str(d / 'manual'), CKPT=str(d / 'ckpt' / 'mae_b16'))
+  return d, env
+
+
+def _run(
+  cmd: str, sandbox, extra: list[str] = (), timeout: int = 600
+) -> subprocess.CompletedProcess:
+  d, env = sandbox
+  args = shlex.split(cmd)
+  for i, a in enumerate(args):  # a --workdir under /tmp goes into the scratch directory
+    if a.startswith('--workdir=/tmp/'):
+      args[i] = f'--workdir={d}/tmp/{a[len("--workdir=/tmp/") :]}'
+  args = [re.sub(r'\$(\w+)', lambda m: env[m.group(1)], a) for a in args]
+  if args[0] == 'python':
+    args[0] = sys.executable
+  elif args[0].startswith('moma-'):  # the console scripts of `pip install -e .`
+    args[0] = os.path.join(os.path.dirname(sys.executable), args[0])
+  p = subprocess.run(
+    [*args, *extra], cwd=d, env={**env, 'PATH': os.path.dirname(sys.executable) + ':' + env['PATH']},
+    capture_output=True, text=True, timeout=timeout,
+  )  # fmt: skip
+  assert p.returncode == 0, f'{cmd}\n{p.stderr[-3000:]}'
+  return p
+
+
+def _commands(kind: str) -> list[str]:
+  return [c for c in readme_commands() if _skip_reason(c) is None and _kind(c) == kind]
+
+
+@pytest.fixture(scope='module')
+def converted(sandbox):
+  """The README's converter commands, in order (the ckpt/ directories the others use)."""
+  from gcs_emulator import emulator_env, gcs_emulator, upload
+
+  d, env = sandbox
+  with gcs_emulator() as (url, bucket):
+    gcs_env = {**env, **emulator_env(url), 'BUCKET': bucket, 'PYTHONPATH': env['PYTHONPATH']}
+    upload(url, bucket, str(d / 'vit-b-300ep.pth.tar'), 'vit-b-300ep.pth.tar')
+    for cmd in _commands('convert'):
+      _run(cmd, (d, gcs_env) if 'gs://' in cmd else sandbox)
+  return d
+
+
+def test_readme_converter_commands(converted):
+  for name in ('mae_b16', 'mae_l16', 'mae_l16_full', 'mocov3_b16', 'deit_s16', 'timm_b16_half'):
+    assert (converted / 'ckpt' / name / 'metadata.json').exists(), name
+  assert (converted / 'mae_b16_roundtrip.pth').exists()
+
+
+def test_readme_imagenet_commands(converted, sandbox):
+  """The ImageNet commands against a fake ImageNet: the first prepares it from $MANUAL through
+  the real tfds imagenet2012 builder; fine-tuning then reads the first run's export."""
+  d, env = sandbox
+  fake_imagenet.write_manual_dir(env['MANUAL'], num_classes=4, images_per_class=5, num_val=8)
+  cmds = _commands('imagenet') + _commands('knn')
+  assert (
+    cmds[0].startswith('python main.py --config=configs/moco_to_mae.py ') and '$MANUAL' in cmds[0]
+  )
+  for cmd in cmds:
+    if cmd.startswith(('python -m moma_jax.evaluators.knn', 'moma-knn')):
+      p = _run(cmd, sandbox, ['--batch_size=8', '--max_train=16'])
+      assert re.search(r'knn/top1: \d+\.\d+%', p.stdout), p.stdout
+      continue
+    extra = SHORT_IMAGENET
+    if 'finetune.py' in cmd or 'linear_probe.py' in cmd:
+      extra = extra + ['--config.evaluators.classification.batch_size=8']
+    p = _run(cmd, sandbox, extra)
+    assert re.search(r': 2/2 steps in \d+ s', p.stdout), (cmd, p.stdout)
+
+
+@pytest.mark.parametrize('cmd', _commands('runlocal'))
+def test_readme_runlocal_command(cmd, sandbox):
+  p = _run(cmd, sandbox, SHORT)
+  assert re.search(r': 2/2 steps in \d+ s', p.stdout), p.stdout
