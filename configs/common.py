@@ -69,6 +69,7 @@ def shortened_runlocal(
   c.num_train_steps = steps
   c.log_every = log_every
   c.checkpoint_every = checkpoint_every
+  c.image_every = 0
   c.evaluators.knn.at_end = False
   return override(c, overrides)
 
@@ -103,6 +104,7 @@ def knn_evaluator(**overrides: Any) -> ml_collections.ConfigDict:
     every_steps=0, at_end=True, train_split='train', eval_split='validation',
     max_train=0,  # 0: the whole train split as the memory bank
     batch_size=1024, teachers=False, raw_pixels=False,
+    random_init=False,  # also the model's architecture randomly initialised (a floor to beat)
     before=True,  # with at_end: also evaluate the model at step 0, for the final summary
     # ViT features: 'cls', 'mean' (of patch tokens) or 'cls+mean' (both: MAE-style encoders do
     # not train their CLS token, so 'cls' alone would judge them unfairly)
@@ -130,6 +132,10 @@ def base_config(name: str) -> ml_collections.ConfigDict:
   c.stop_at_step = 0  # > 0: checkpoint and exit at this step (as if preempted); rerun to resume
   c.log_every = 50
   c.checkpoint_every = 1000
+  # TensorBoard images (input, what the model sees, MAE reconstructions) of the same few examples
+  # every image_every steps and at the end; 0: none.
+  c.image_every = 5000
+  c.image_count = 4
   c.keep_checkpoints = 3
   c.skip_nonfinite = False  # True: drop (and count) updates with a non-finite loss / gradient
   c.force_resume = False  # True: resume a workdir even if its checkpoints' config differs
@@ -201,7 +207,10 @@ def runlocal(c: ml_collections.ConfigDict) -> None:
   c.optim.base_lr = 1e-3
   c.log_every = 25
   c.checkpoint_every = 100
-  c.evaluators.knn.update(eval_split='test', teachers=True, raw_pixels=True, batch_size=256)
+  c.image_every = 100
+  c.evaluators.knn.update(
+    eval_split='test', teachers=True, raw_pixels=True, random_init=True, batch_size=256
+  )
 
 
 def classification_config(name: str, args: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -287,4 +296,5 @@ def runlocal_pretrain(c: ml_collections.ConfigDict) -> None:
   c.optim.update(base_lr=1e-3, warmup_steps=30)
   c.log_every = 25
   c.checkpoint_every = 100
-  c.evaluators.knn.update(eval_split='test', raw_pixels=True, batch_size=256)
+  c.image_every = 100
+  c.evaluators.knn.update(eval_split='test', raw_pixels=True, random_init=True, batch_size=256)

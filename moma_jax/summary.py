@@ -1,7 +1,8 @@
 """The final summary block of a run: what was trained, how well, next to its baselines.
 
 Printed by main.py at the end of every run and stored in final_metrics.json, so a reader sees the
-result and what it must beat (chance, raw pixels, the teachers, the student before training)
+result and what it must beat (chance, raw pixels, the same architecture randomly initialised,
+the teachers, the student before training)
 without opening TensorBoard.
 """
 
@@ -36,6 +37,8 @@ def final_block(
     for key, value in sorted(final.items()):
       if key.startswith('knn/teacher_') and key.endswith('/top1'):
         rows.append((f'teacher {key.split("/")[1].removeprefix("teacher_")}', _pct(value)))
+    if 'knn/random_init/top1' in final:
+      rows.append((f'random-init {model}', _pct(final['knn/random_init/top1'])))
     if 'knn/raw_pixels/top1' in final:
       rows.append(('raw pixels', _pct(final['knn/raw_pixels/top1'])))
     if chance:

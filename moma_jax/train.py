@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import queue
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -28,8 +30,9 @@ import optax
 from absl import logging
 from clu import metric_writers, periodic_actions
 from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec
 
-from moma_jax import builders, checkpointing, flops, optim, sharding, storage, summary
+from moma_jax import builders, checkpointing, flops, images, optim, sharding, storage, summary
 from moma_jax.data import device, pipeline, sources
 from moma_jax.evaluators.classification import ClassificationEvaluator
 from moma_jax.evaluators.knn import KnnEvaluator, encoder_features, pixel_features
@@ -161,6 +164,25 @@ class Evaluation:
   before: bool = False  # also run at step 0, as the "before training" baseline
 
 
+def make_visualize(objective, mesh, count: int) -> Callable[..., np.ndarray]:
+  """(params, extra, frozen, batch) -> float32 [count, H, W', 3] in [0, 1] on every process: the
+  objective's ``visualize`` panels of the batch's first ``count`` examples side by side (an
+  objective without one: its views of the training image size), for TensorBoard."""
+  views = sorted(objective.required_views())
+
+  def panels(params, extra, frozen, batch):
+    batch = {k: batch[k][:count] for k in views}
+    if hasattr(objective, 'visualize'):
+      out = objective.visualize(params, extra, frozen, batch, jax.random.key(0))
+    else:
+      shape = batch[views[0]].shape
+      out = {k: images.to_unit(v) for k, v in batch.items() if v.shape == shape}
+    return images.side_by_side(out)
+
+  fn = jax.jit(panels, out_shardings=NamedSharding(mesh, PartitionSpec()))
+  return lambda *args: np.asarray(jax.device_get(fn(*args)))
+
+
 def make_evaluations(config, objective, mesh, data_axes) -> list[Evaluation]:
   evals = []
   common = dict(
@@ -185,7 +207,7 @@ def make_evaluations(config, objective, mesh, data_axes) -> list[Evaluation]:
       def run(state, frozen, ev=ev, features=features):
         return ev.run(features, (state.params, state.extra, frozen), 'knn/model')
 
-      def final(state, frozen, ev=ev, ec=ec, pool=pool):
+      def final(state, frozen, ev=ev, ec=ec, pool=pool, features=features):
         if ec.get('teachers') and hasattr(objective, 'teachers'):
           for t_name, t in objective.teachers.items():
             n = t.input_norm
@@ -194,6 +216,10 @@ def make_evaluations(config, objective, mesh, data_axes) -> list[Evaluation]:
         for tag, fn in getattr(objective, 'extra_features', dict)().items():  # MOKD's CNN
           run_fn = lambda a, x, fn=fn: fn(*a, x)  # noqa: E731
           yield from ev.run(run_fn, (state.params, state.extra, frozen), f'knn/{tag}')
+        if ec.get('random_init'):  # the same architecture, randomly initialised: the floor
+          params, extra = objective.init(jax.random.key(config.seed + 1))
+          params, extra = jax.device_put((params, extra), NamedSharding(mesh, PartitionSpec()))
+          yield from ev.run(features, (params, extra, frozen), 'knn/random_init')
         if ec.get('raw_pixels'):
           yield from ev.run(pixel_features(), None, 'knn/raw_pixels')
 
@@ -334,6 +360,50 @@ class Preemption:
       signal.signal(signal.SIGTERM, self._previous)
 
 
+def host_batches(
+  train_iter: Iterator[dict[str, np.ndarray]], preemption: Preemption
+) -> Iterator[tuple[dict[str, np.ndarray], int]]:
+  """(host batch, stream position after it), read by a background thread.
+
+  Python runs signal handlers only in the main thread, between bytecodes: a main thread blocked
+  inside tf.data's C++ (a slow or stalled read) would never see a SIGTERM. Here the main thread
+  waits on a queue in short slices instead, and the stream ends early on a preemption notice.
+  Errors of the stream (a DataError) are raised in the main thread.
+  """
+  q: queue.Queue = queue.Queue(maxsize=2)
+  done = threading.Event()
+
+  def produce():
+    try:
+      for batch in train_iter:
+        item = (batch, train_iter.next_index)
+        while not done.is_set():
+          try:
+            q.put(item, timeout=0.2)
+            break
+          except queue.Full:
+            pass
+        if done.is_set():
+          return
+    except BaseException as e:  # noqa: BLE001  (handed to the main thread)
+      q.put(e)
+
+  threading.Thread(target=produce, name='host-batches', daemon=True).start()
+  try:
+    while True:
+      try:
+        item = q.get(timeout=0.2)
+      except queue.Empty:
+        if preemption.notice:
+          return
+        continue
+      if isinstance(item, BaseException):
+        raise item
+      yield item
+  finally:
+    done.set()
+
+
 # --- the loop --------------------------------------------------------------------------------------
 
 
@@ -344,6 +414,14 @@ def train_and_evaluate(
   returns the final metrics."""
   workdir = storage.resolve(workdir)
   # 1. Everything cheap and checkable first.
+  if storage.is_remote(workdir):
+    try:  # an unreachable bucket fails here, in one line, not after converting teachers
+      workdir.exists()
+    except Exception as e:  # noqa: BLE001  (tf.errors / gcsfs errors are not OSErrors)
+      raise OSError(
+        f'cannot reach --workdir {workdir} ({" ".join(str(e).split())[:300]}); check the bucket '
+        'name, network access and credentials (gcloud auth application-default login)'
+      ) from e
   mesh = sharding.make_mesh(dict(config.mesh))
   data_axes = sharding.data_axes(mesh)
   per_host_batch = device.check_batch_size(config.batch_size, mesh, data_axes)
@@ -352,6 +430,7 @@ def train_and_evaluate(
     config.data.name, config.data.train_split, data_dir=config.data.data_dir,
     manual_dir=config.data.manual_dir,
   )  # fmt: skip
+  train_src.random_access()  # a TFRecord-only copy: say how to convert it now, not after compiling
   steps_per_epoch = max(1, train_src.total_examples // config.batch_size)
   total_steps = config.num_train_steps or int(config.num_epochs * steps_per_epoch)
   objective, frozen, start_params, notes = builders.build_objective(
@@ -433,6 +512,8 @@ def train_and_evaluate(
   report = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer)
 
   data_index = start_index
+  visualize = make_visualize(objective, mesh, config.image_count) if config.image_every else None
+  shown = None  # the first batch: the examples every image summary shows
 
   def save(at_step: int):
     positions = multihost_utils.process_allgather(np.int64(data_index))
@@ -447,14 +528,21 @@ def train_and_evaluate(
   prev_metrics = None
   t_log, steps_since_log = time.perf_counter(), 0
   t_start, first_step = t_log, step
-  tagged = ((batch, train_iter.next_index) for batch in train_iter)
-  batches = device.prefetch_to_device(tagged, batch_sharding, size=1)
   stop = min(total_steps, config.stop_at_step or total_steps)
   preemption = Preemption()
+  host = host_batches(train_iter, preemption)
+  batches = device.prefetch_to_device(host, batch_sharding, size=1)
   preempted = False
   try:
     while step < stop:
-      batch, next_index = next(batches)
+      item = next(batches, None)
+      if item is None:  # the stream ends only on a preemption notice while waiting for data
+        preempted = True
+        logging.warning('preemption notice while reading data: saving step %d and exiting', step)
+        break
+      batch, next_index = item
+      if visualize is not None and shown is None:
+        shown = jax.tree.map(lambda x: x[: config.image_count], batch)
       state, metrics = train_step(state, frozen, batch, train_rng)
       if prev_metrics is not None:  # checked one step late, so the host never stalls the device
         check(step - 1, prev_metrics)
@@ -479,6 +567,8 @@ def train_and_evaluate(
           'step %d/%d  loss %.4g  %.0f img/s  ETA %s', step, total_steps, scalars['loss'],
           scalars['images_per_sec'], _duration(eta),
         )  # fmt: skip
+      if visualize is not None and (step % config.image_every == 0 or step == total_steps):
+        writer.write_images(step, {'images': visualize(state.params, state.extra, frozen, shown)})
       for ev in evaluations:
         if ev.every_steps and step % ev.every_steps == 0 and step < total_steps:
           writer.write_scalars(step, dict(ev.run(state, frozen)))
@@ -490,6 +580,7 @@ def train_and_evaluate(
         check(step, jax.device_get(metrics))
         save(step)
   finally:
+    host.close()
     preemption.close()
 
   # 5. Final save, export, evaluation.

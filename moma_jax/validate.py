@@ -126,6 +126,10 @@ def _check_run(c: ml_collections.ConfigDict) -> None:
     _fail('stop_at_step', c.stop_at_step, 'must be >= 0 (0: no early stop)')
   for key in ('log_every', 'checkpoint_every', 'keep_checkpoints'):
     _positive(c, key)
+  if c.get('image_every', 0) < 0:
+    _fail('image_every', c.image_every, 'must be >= 0 (0: no image summaries)')
+  if c.get('image_every', 0) and c.get('image_count', 1) <= 0:
+    _fail('image_count', c.image_count, 'must be > 0 (images per summary), or image_every=0')
   mesh = dict(c.mesh)
   if not mesh or set(mesh) - {'data', 'fsdp'}:
     _fail('mesh', mesh, "axes 'data' and / or 'fsdp', e.g. {'data': -1, 'fsdp': 1}")

@@ -466,3 +466,46 @@ def test_random_erasing_and_normalize():
   changed = (erased != x).any(-1).mean(axis=(1, 2))
   assert (changed > 0).all() and (changed <= 1 / 3 + 0.05).all()
   assert (mixing.random_erasing(jax.random.key(0), x, prob=0.0) == x).all()
+
+
+def _broken_folder(root, good: int, bad: int) -> set[str]:
+  """A folder of `good` readable and `bad` undecodable JPEGs; returns the broken files' paths."""
+  rng = np.random.RandomState(0)
+  broken = set()
+  for k in range(good + bad):
+    d = root / 'train' / ('a' if k % 2 else 'b')
+    os.makedirs(d, exist_ok=True)
+    if k < good:
+      Image.fromarray(rng.randint(0, 256, (40, 40, 3)).astype(np.uint8)).save(d / f'{k}.jpg')
+    else:
+      (d / f'{k}.jpg').write_bytes(b'\xff\xd8\xff\xe0 not a jpeg ' + bytes([k % 256]))
+      broken.add(str(d / f'{k}.jpg'))
+  return broken
+
+
+def test_all_unreadable_folder_stops_the_run_with_one_line_naming_a_file(tmp_path):
+  """Every file broken: the run ends at once (not an endless read), one line, exit 2."""
+  broken = _broken_folder(tmp_path / 'data', good=0, bad=12)
+  wd = tmp_path / 'wd'
+  p = subprocess.run(
+    [sys.executable, 'main.py', '--config=configs/mae_pretrain.py:runlocal', f'--workdir={wd}',
+     f'--config.data.name=folder:{tmp_path / "data"}', '--config.evaluators.knn.before=False',
+     '--config.evaluators.knn.at_end=False'],
+    cwd=ROOT, capture_output=True, text=True, timeout=300,
+    env={**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': ''},
+  )  # fmt: skip
+  errors = [ln for ln in p.stderr.splitlines() if ln.startswith('error: ')]
+  assert p.returncode == 2 and len(errors) == 1, p.stderr[-3000:]
+  assert 'could not be read or decoded, the first is ' in errors[0]
+  assert errors[0].split('the first is ')[1].split(';')[0] in broken
+
+
+def test_a_long_run_of_unreadable_images_mid_stream_names_its_first_file(tmp_path, monkeypatch):
+  monkeypatch.setattr(pipeline, 'MAX_UNREADABLE_IN_A_ROW', 4)
+  broken = _broken_folder(tmp_path, good=30, bad=30)
+  src = sources.open_split(f'folder:{tmp_path}', 'train', process_index=0, process_count=1)
+  it = pipeline.train_iterator(src, _views(16), batch_size=2, seed=0)
+  with pytest.raises(sources.DataError, match=r'\d+ training images in a row') as e:
+    _take(it, 200)  # 200 batches: 400 examples, about 7 epochs of the 60 files
+  assert str(e.value).split('the first is ')[1].split(';')[0] in broken
+  assert it.skipped > 0  # shorter runs before it were skipped, not fatal

@@ -79,20 +79,18 @@ def test_bad_torch_file_is_a_one_line_value_error(tmp_path):
 
 
 def test_small_scale_replication_ci_size(tmp_path):
-  """One seed, a few steps: every table row is produced and well-formed, plots are written, and
-  a second invocation resumes from results.json without training again."""
-  args = ['--workdir', str(tmp_path), '--tables', 't2', 't4', '--seeds', '1', '--steps', '6',
+  """One seed, a few steps, the mask-ratio table (two runs; the other tables are the same code
+  with other configs): every row is produced and well-formed, plots are written, and a second
+  invocation resumes from results.json without training again."""
+  args = ['--workdir', str(tmp_path), '--tables', 't4', '--seeds', '1', '--steps', '6',
           '--mask-ratios', '0.9', '0.75', '--no-floor']  # fmt: skip
   state = small_scale.main(args)
-  rows = small_scale.plan(('t2', 't4'), (0.9, 0.75))
+  rows = small_scale.plan(('t4',), (0.9, 0.75))
   keys = {r.run.key for r in rows}
   assert set(state['results']) == keys
   for key in keys:
     (res,) = state['results'][key].values()
     assert 0.0 <= res['knn'] <= 1.0 and 0.0 <= res['linear'] <= 1.0
-  # The shipped MAE teacher is a trained model: its linear probe (25% when it was made) is above
-  # what logistic regression gets from a random mu/4 encoder's features (~17%) or raw pixels (15%).
-  assert state['results']['teacher_mae_mu']['0']['linear'] > 0.2
   text = (tmp_path / 'results.md').read_text()
   table_rows = [
     ln for ln in text.splitlines() if ln.startswith('| ') and not ln.startswith('| run')
@@ -103,7 +101,6 @@ def test_small_scale_replication_ci_size(tmp_path):
     assert (
       len(cells) == 5 and re.fullmatch(r'\d+\.\d', cells[2]) and re.fullmatch(r'\d+\.\d', cells[3])
     )
-  assert (tmp_path / 'loss_curves.png').stat().st_size > 0
   assert (tmp_path / 'mask_ratio.png').stat().st_size > 0
   before = json.loads((tmp_path / 'results.json').read_text())
   again = small_scale.main(args)  # resumes: nothing left to train

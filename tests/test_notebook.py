@@ -1,4 +1,5 @@
-"""The Colab notebook runs top to bottom on CPU (cells tagged colab-only are skipped), so it cannot rot.
+"""The Colab notebook runs top to bottom on CPU (cells tagged colab-only are skipped), so it cannot rot:
+its install cell pip-installs this checkout, its distillation uses the shipped teachers.
 
 Cells are executed in order as one script; IPython shell lines (`!cmd`) run through the shell with
 {var} substituted, as IPython does.
@@ -40,9 +41,12 @@ def test_notebook_runs_top_to_bottom(tmp_path):
     'XLA_FLAGS': '',
     'MPLBACKEND': 'Agg',
     'PYTHONPATH': ROOT,
+    'MOMA_REPO': ROOT,  # the install cell's repository path
+    'PATH': os.path.dirname(sys.executable) + os.pathsep + os.environ['PATH'],  # moma-convert
   }
   r = subprocess.run(
     [sys.executable, str(script)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
   )
   assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
   assert 'knn/model/top1' in r.stdout
+  assert re.search(r'student +\d+\.\d% +\(before training', r.stdout), r.stdout[-2000:]

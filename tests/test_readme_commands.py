@@ -44,7 +44,12 @@ SKIPPED = {
 # Commands that need data that cannot be had offline.
 NEEDS_INTERNET = ('configs/transfer_cifar.py',)  # CIFAR-100 through tfds
 
-SHORT = ['--config.num_train_steps=2', '--config.log_every=1', '--config.checkpoint_every=2']
+# Two steps, no k-NN passes (the trainer's k-NN is run by tests/test_train.py's command-1 test and
+# the k-NN commands below): what remains is each command's config, data, models, step and export.
+SHORT = [
+  '--config.num_train_steps=2', '--config.log_every=1', '--config.checkpoint_every=2',
+  '--config.evaluators.knn.at_end=False',
+]  # fmt: skip
 # ImageNet configs: the paper's batch of 4096 and 1024-image evaluation batches, cut for a CPU.
 SHORT_IMAGENET = SHORT + [
   '--config.batch_size=8', '--config.evaluators.knn.batch_size=8',

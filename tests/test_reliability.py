@@ -31,8 +31,8 @@ def _config(**overrides):
 def test_fault_injection_kills_and_resumes_bit_identical(tmp_path):
   import fault_injection
 
-  out = fault_injection.run(str(tmp_path), kills=3, steps=400, checkpoint_every=40, seed=1,
-                            min_delay=0.0, max_delay=3.0)  # fmt: skip
+  out = fault_injection.run(str(tmp_path), kills=3, steps=200, checkpoint_every=20, seed=1,
+                            min_delay=0.0, max_delay=1.5)  # fmt: skip
   landed = [e for e in out['kills'] if not e['finished_before_kill']]
   assert len(landed) >= 2, out['kills']
   sigterms = [e for e in landed if e['signal'] == 'SIGTERM']
@@ -60,6 +60,71 @@ def test_sigterm_saves_at_the_current_step(tmp_path):
   assert out == {'step': 37, 'preempted': True}
   assert checkpointing.Checkpointer(str(tmp_path / 'checkpoints')).latest_step() == 37
   assert signal.getsignal(signal.SIGTERM) is not None  # handler restored
+
+
+def test_sigterm_while_waiting_for_data_saves_and_returns(tmp_path, monkeypatch):
+  """The input stream stalls after 3 batches (a hung read); a SIGTERM then still checkpoints the
+  last step done and returns, instead of waiting forever inside tf.data."""
+  import threading
+
+  from moma_jax.data import pipeline
+
+  real, stalled = pipeline.train_iterator, threading.Event()
+
+  def stalling_iterator(*args, **kwargs):
+    it = real(*args, **kwargs)
+
+    class Stalls:  # the real stream for 3 batches, then a read that never returns
+      n = 0
+      next_index = property(lambda self: it.next_index)
+
+      def __iter__(self):
+        return self
+
+      def __next__(self):
+        if self.n == 3:
+          stalled.set()
+          threading.Event().wait()
+        self.n += 1
+        return next(it)
+
+    return Stalls()
+
+  monkeypatch.setattr(pipeline, 'train_iterator', stalling_iterator)
+  threading.Thread(
+    target=lambda: stalled.wait(300) and os.kill(os.getpid(), signal.SIGTERM), daemon=True
+  ).start()
+  out = train.train_and_evaluate(_config(num_train_steps=50, checkpoint_every=1000), str(tmp_path))
+  assert out['preempted'] and 1 <= out['step'] <= 3, out
+  assert checkpointing.Checkpointer(str(tmp_path / 'checkpoints')).latest_step() == out['step']
+
+
+def test_sigterm_during_compilation_saves_after_the_first_step(tmp_path, monkeypatch):
+  """A SIGTERM that lands while the train step compiles (the handler runs when XLA returns) ends
+  the run with a checkpoint after that step, which a resumed run continues from."""
+  import threading
+  import time
+
+  real = train.jit_train_step
+
+  def signalled_during_compile(*args, **kwargs):
+    step = real(*args, **kwargs)
+
+    def first_call(*a, **k):
+      threading.Thread(
+        target=lambda: (time.sleep(0.05), os.kill(os.getpid(), signal.SIGTERM)), daemon=True
+      ).start()
+      return step(*a, **k)  # compiles now (seconds): the signal arrives meanwhile
+
+    calls = iter([first_call])
+    return lambda *a, **k: next(calls, step)(*a, **k)
+
+  monkeypatch.setattr(train, 'jit_train_step', signalled_during_compile)
+  out = train.train_and_evaluate(_config(num_train_steps=20, checkpoint_every=1000), str(tmp_path))
+  assert out == {'step': 1, 'preempted': True}
+  assert checkpointing.Checkpointer(str(tmp_path / 'checkpoints')).latest_step() == 1
+  monkeypatch.setattr(train, 'jit_train_step', real)
+  assert train.train_and_evaluate(_config(num_train_steps=20), str(tmp_path))['step'] == 20
 
 
 def test_non_finite_loss_stops_with_the_step_and_never_checkpoints_it(tmp_path):
@@ -165,8 +230,8 @@ def test_full_disk_during_a_save_keeps_the_previous_checkpoint(tmp_path):
   # Random teacher and student: the file-size limit must hit the training checkpoint, not the
   # on-the-fly conversion of the shipped teachers.
   cmd = [sys.executable, 'main.py', '--config=configs/moco_to_mae.py:runlocal,teacher=random,student=random',
-         '--config.num_train_steps=40', '--config.checkpoint_every=10',
-         '--config.evaluators.knn.at_end=False']  # fmt: skip
+         '--config.num_train_steps=20', '--config.checkpoint_every=10',
+         '--config.evaluators.knn.before=False', '--config.evaluators.knn.at_end=False']  # fmt: skip
   env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': ''}
   ref, run = tmp_path / 'ref', tmp_path / 'run'
   subprocess.run(cmd + [f'--workdir={ref}'], cwd=ROOT, env=env, check=True, capture_output=True)

@@ -110,7 +110,8 @@ def test_main_runlocal_end_to_end(tmp_path):
   block = r.stdout[r.stdout.index('moco_to_mae: 300/300 steps') :]
   for pattern in (
     r'student +\d+\.\d% +\(before training +\d+\.\d%\)',
-    r'teacher moco +\d+\.\d%', r'raw pixels +\d+\.\d%', r'chance +10\.0%',
+    r'teacher moco +\d+\.\d%', r'random-init student +\d+\.\d%', r'raw pixels +\d+\.\d%',
+    r'chance +10\.0%',
   ):  # fmt: skip
     assert re.search(pattern, block), block
   metrics = json.load(open(tmp_path / 'final_metrics.json'))
@@ -121,11 +122,33 @@ def test_main_runlocal_end_to_end(tmp_path):
     'knn/model_before/top1',
     'knn/raw_pixels/top1',
     'knn/teacher_moco/top1',
+    'knn/random_init/top1',
   ):
     assert 0 <= final[key] <= 1
   assert [h['step'] for h in metrics['history']] == list(range(25, 301, 25))
   assert os.path.exists(tmp_path / 'config.json')
-  assert any(f.startswith('events.out.tfevents') for f in os.listdir(tmp_path))
+  # TensorBoard images every 100 steps: teacher view | student sees (masked), 4 examples.
+  events = [str(tmp_path / f) for f in os.listdir(tmp_path) if f.startswith('events.out.tfevents')]
+  images = _event_images(events)
+  assert sorted(images) == [100, 200, 300], sorted(images)
+  for count, height, width in images.values():
+    assert (count, height, width) == (4, 32, 32 * 3 + 2 * 2)
+
+
+def _event_images(files: list[str]) -> dict[int, tuple[int, int, int]]:
+  """step -> (images, height, width) of the 'images' summaries in TensorBoard event files."""
+  import tensorflow as tf
+
+  out = {}
+  for f in files:
+    for e in tf.compat.v1.train.summary_iterator(f):
+      for v in e.summary.value:
+        if v.tag == 'images':
+          t = tf.make_ndarray(v.tensor)  # [width, height, encoded png...]
+          first = tf.io.decode_png(t[2]).numpy()
+          out[e.step] = (len(t) - 2, *first.shape[:2])
+          assert (int(t[0]), int(t[1])) == (first.shape[1], first.shape[0])
+  return out
 
 
 def test_main_rejects_misspelt_key_and_bad_batch(tmp_path):

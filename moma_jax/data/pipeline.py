@@ -9,7 +9,9 @@ epoch; the at most P - 1 positions left over hold other examples each epoch). St
 e = i div n_p, read through the source's random access (``HostSplit.lookup``), and gets its
 augmentation seed from (seed, process, i). The stream is a pure function of (seed, i), and
 ``start_index`` resumes it in O(1): no record before it is read. Unreadable images are dropped,
-counted (``skipped``) and logged; they never stop a run.
+counted (``skipped``) and logged; a few never stop a run, but ``MAX_UNREADABLE_IN_A_ROW``
+consecutive ones stop it with a DataError naming the first (a folder of broken files would
+otherwise be read forever, every epoch, yielding nothing).
 
 Why tf.data rather than grain (which requirements.txt therefore no longer lists): the
 augmentations are TensorFlow graph code (augment.py), so a tf.data map runs read, decode and
@@ -25,6 +27,7 @@ Evaluation pass: every example of this host's part exactly once, in order, padde
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -36,6 +39,7 @@ from moma_jax.data.augment import ViewSpec
 from moma_jax.data.sources import HostSplit
 
 AUTOTUNE = tf.data.AUTOTUNE
+MAX_UNREADABLE_IN_A_ROW = 100  # consecutive unreadable training examples that stop the run
 _SEED_PAD = 498247692  # the word index_shuffle puts before a [2] seed
 
 
@@ -74,13 +78,24 @@ def _options(threads: int | None) -> tf.data.Options:
 
 
 class _Counting:
-  """Iterates numpy batches; counts examples dropped as unreadable from gaps in their indices."""
+  """Iterates numpy batches; counts examples dropped as unreadable from gaps in their indices.
 
-  def __init__(self, ds: tf.data.Dataset, next_index: int, what: str):
+  With ``describe`` (stream position -> what it reads), a gap of ``MAX_UNREADABLE_IN_A_ROW`` or
+  more consecutive positions raises a DataError naming the first of them.
+  """
+
+  def __init__(
+    self,
+    ds: tf.data.Dataset,
+    next_index: int,
+    what: str,
+    describe: Callable[[int], str] | None = None,
+  ):
     self._it = ds.as_numpy_iterator()
     self.next_index = next_index  # stream position after the last example returned
     self.skipped = 0
     self._what = what
+    self._describe = describe
 
   def __iter__(self):
     return self
@@ -89,6 +104,12 @@ class _Counting:
     batch = next(self._it)
     index = batch.pop('index')
     valid = index[index >= 0]  # padding carries index -1
+    if self._describe is not None and valid.size:
+      runs = np.diff(np.concatenate([[self.next_index - 1], valid])) - 1
+      worst = int(np.argmax(runs))
+      if runs[worst] >= MAX_UNREADABLE_IN_A_ROW:
+        first = int(valid[worst] - runs[worst])
+        raise _unreadable(self._what, int(runs[worst]), self._describe(first))
     if valid.size:
       gaps = int(valid[-1] - self.next_index + 1 - valid.size)
       if gaps:
@@ -98,6 +119,13 @@ class _Counting:
         )
       self.next_index = int(valid[-1]) + 1
     return batch
+
+
+def _unreadable(what: str, count: int, first: str) -> sources.DataError:
+  return sources.DataError(
+    f'{what}: {count} training images in a row could not be read or decoded, the first '
+    f'{first}; fix or remove the broken files (or check the data path and its permissions)'
+  )
 
 
 def train_iterator(
@@ -144,12 +172,22 @@ def train_iterator(
     out = augment.make_views(ex['image'], _example_seed(seed, process_index, index), views)
     return {**out, 'label': tf.cast(ex['label'], tf.int32), 'index': index}
 
-  ds = tf.data.Dataset.range(start_index, 2**62).batch(sources.LOOKUP_BLOCK)
-  ds = ds.map(fetch, num_parallel_calls=AUTOTUNE).unbatch()
-  # An unreadable image (or a failed block read) drops its example(s); _Counting counts them.
-  ds = ds.map(make, num_parallel_calls=AUTOTUNE).ignore_errors()
-  ds = ds.batch(batch_size, drop_remainder=True).prefetch(AUTOTUNE)
-  return _Counting(ds.with_options(_options(threads)), start_index, source.name)
+  def stream(start: int, stop: int = 2**62) -> tf.data.Dataset:
+    ds = tf.data.Dataset.range(start, stop).batch(sources.LOOKUP_BLOCK)
+    ds = ds.map(fetch, num_parallel_calls=AUTOTUNE).unbatch()
+    # An unreadable image (or a failed block read) drops its example(s); _Counting counts them.
+    return ds.map(make, num_parallel_calls=AUTOTUNE).ignore_errors()
+
+  def describe(position: int) -> str:
+    i = int(record_index(tf.constant([position], tf.int64), **locate)[0])
+    return source.describe(i)
+
+  # Nothing readable at the start: stop now (the endless stream would never yield a batch).
+  probe = stream(start_index, start_index + MAX_UNREADABLE_IN_A_ROW).take(1)
+  if not list(probe.with_options(_options(threads))):
+    raise _unreadable(source.name, MAX_UNREADABLE_IN_A_ROW, describe(start_index))
+  ds = stream(start_index).batch(batch_size, drop_remainder=True).prefetch(AUTOTUNE)
+  return _Counting(ds.with_options(_options(threads)), start_index, source.name, describe)
 
 
 def eval_iterator(

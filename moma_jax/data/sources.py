@@ -66,6 +66,13 @@ class HostSplit:
   no_random_access: str = ''  # why lookup is None, and what to do
   process_index: int = 0
   process_count: int = 1
+  files: list[str] | None = None  # a folder's files, by record index
+
+  def describe(self, index: int) -> str:
+    """Names record ``index`` of the split for messages: a folder's file, else its index."""
+    if self.files is not None:
+      return f'is {self.files[index]}'
+    return f'is record {index} of {self.name}'
 
   def random_access(self) -> tuple[Lookup, Load]:
     """(``lookup``, ``load``), or a DataError saying how to make the dataset randomly accessible."""
@@ -158,7 +165,7 @@ def _folder(root: str, split: str, process_index: int, process_count: int) -> Ho
   ds = _part(tf.data.Dataset.from_tensor_slices(order[lo:hi]), lookup, load)
   return HostSplit(
     ds, hi - lo, len(files), len(classes), f'folder:{root}/{split}', lookup, load,
-    process_index=process_index, process_count=process_count,
+    process_index=process_index, process_count=process_count, files=files,
   )  # fmt: skip
 
 

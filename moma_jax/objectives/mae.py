@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from moma_jax import flops, masking
+from moma_jax import images as viz
 from moma_jax.models.heads import MaeDecoder
 from moma_jax.models.pretrained import IMAGENET, Normalization
 from moma_jax.models.vit import ViT, patchify, pool_tokens
@@ -101,6 +102,21 @@ class Mae:
   def loss(self, params, extra, frozen, batch, rng):
     *_, loss = self.masked_reconstruction(params, batch, rng)
     return loss, ({'loss': loss}, extra)
+
+  def visualize(self, params, extra, frozen, batch: dict[str, Array], rng: Array) -> dict:
+    """TensorBoard panels (``moma_jax.images``): input, what the encoder sees (masked as ``loss``
+    masks with the same ``rng``) and the decoder's reconstruction in pixels."""
+    k_mask, _ = jax.random.split(rng)
+    x = self.input_norm(batch['image'])
+    keep = self.keep_idx(k_mask, x.shape[0])
+    pred, _, _ = self.reconstruct(params, x, keep)
+    p, full = self.encoder.patch_size, viz.to_unit(batch['image'])
+    norm = self.input_norm
+    return {
+      'input': full,
+      'encoder sees': viz.masked(full, keep, p),
+      'reconstruction': viz.reconstruction(pred, x, keep, p, self.norm_pix, norm.mean, norm.std),
+    }
 
   def features(self, params, extra, frozen, images: Array, pool: str = 'cls') -> Array:
     tokens, _ = self.encoder.apply({'params': params['encoder']}, self.input_norm(images))

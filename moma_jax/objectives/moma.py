@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from moma_jax import flops, masking
+from moma_jax import images as viz
 from moma_jax.models.pretrained import IMAGENET, Normalization
 from moma_jax.models.vit import ViT, gather_tokens, pool_tokens
 
@@ -219,6 +220,21 @@ class Moma:
       total = total + t.weight * loss_t
     metrics['loss'] = total
     return total, (metrics, extra)
+
+  def visualize(self, params, extra, frozen, batch: dict[str, Array], rng: Array) -> dict:
+    """TensorBoard panels (``moma_jax.images``): the teachers' view and what the student sees of
+    it, masked as ``loss`` masks with the same ``rng`` (and of the strong view, if used)."""
+    k_mask, _ = jax.random.split(rng)
+    s = self.student
+    full = viz.to_unit(batch['teacher'])
+    keep = masking.random_keep_idx(k_mask, full.shape[0], s.num_patches, self.mask_ratio)
+    out = {'teacher view': full, 'student sees': viz.masked(full, keep, s.patch_size)}
+    if 'strong' in batch:
+      strong = viz.to_unit(batch['strong'])
+      out['student sees, strong view'] = (
+        viz.masked(strong, keep, s.patch_size) if self.mask_strong_view else strong
+      )
+    return out
 
   def features(self, params, extra, frozen, images: Array, pool: str = 'cls') -> Array:
     """The student's tokens on the full image, pooled (``vit.pool_tokens``): [B, D] or [B, 2D]
