@@ -5,6 +5,8 @@ or, after `pip install -e .`, from any directory: moma-train --config=moco_to_ma
 Every config value can be overridden: --config.moma.mask_ratio=0.85 (a misspelt key is an error).
 On a multi-host TPU pod slice or a multi-node GPU cluster, pass --jax_distributed (the same command
 on every host). Re-running the same command in the same workdir resumes from its last checkpoint.
+--dry_run checks a command (config, data, checkpoints, model, optimizer) without training or
+writing anything.
 """
 
 from __future__ import annotations
@@ -24,6 +26,12 @@ _CONFIG = config_flags.DEFINE_config_file('config', None, 'config file[:args]', 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'where checkpoints, metrics and exports go')
 _DISTRIBUTED = flags.DEFINE_bool(
   'jax_distributed', False, 'call jax.distributed.initialize() (multi-host TPU / GPU clusters)'
+)
+_DRY_RUN = flags.DEFINE_bool(
+  'dry_run',
+  False,
+  'check the command and stop before training: validate the config, open the dataset, load every '
+  'checkpoint and build the model and optimizer, print the plan; nothing is written',
 )
 flags.mark_flags_as_required(['config', 'workdir'])
 
@@ -119,7 +127,7 @@ def main(argv):
     'JAX %s, %d processes, devices: %s', jax.__version__, jax.process_count(), jax.devices()
   )
   try:
-    final = train.train_and_evaluate(config, _WORKDIR.value)
+    final = train.train_and_evaluate(config, _WORKDIR.value, dry_run=_DRY_RUN.value)
   except ValueError as e:  # bad input found by the trainer (data, checkpoint shapes): usage
     _usage_error(str(e))
   except (OSError, train.NonFiniteError) as e:  # a full disk, a lost bucket, diverged training

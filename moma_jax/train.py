@@ -408,10 +408,11 @@ def host_batches(
 
 
 def train_and_evaluate(
-  config: ml_collections.ConfigDict, workdir: storage.PathLike
+  config: ml_collections.ConfigDict, workdir: storage.PathLike, dry_run: bool = False
 ) -> dict[str, float]:
   """Runs (or resumes) the configured training in ``workdir`` (a local path or gs://...);
-  returns the final metrics."""
+  returns the final metrics. ``dry_run``: stop after step 1 below (dataset opened, checkpoints
+  loaded, model, optimizer and evaluators built), having written nothing; returns the plan."""
   workdir = storage.resolve(workdir)
   # 1. Everything cheap and checkable first.
   if storage.is_remote(workdir):
@@ -444,6 +445,16 @@ def train_and_evaluate(
       raise ValueError(f'view {name!r} must be data.image_size={config.data.image_size}px')
   tx, schedule, peak_lr = make_optimizer(config, objective, total_steps, steps_per_epoch)
   evaluations = make_evaluations(config, objective, mesh, data_axes)
+  if dry_run:
+    plan = {
+      'mesh': dict(mesh.shape), 'batch_size': config.batch_size, 'total_steps': total_steps,
+      'steps_per_epoch': steps_per_epoch, 'peak_lr': float(peak_lr),
+      'dataset': train_src.name, 'train_examples': train_src.total_examples,
+      'gflops_per_step': objective.flops_per_example() * config.batch_size / 1e9,
+    }  # fmt: skip
+    for note in notes:
+      logging.info('%s', note)
+    return {'summary': [f'{config.name}: dry run, nothing written; ' + _format(plan)]}
 
   workdir.mkdir(parents=True, exist_ok=True)
   ckpt = checkpointing.Checkpointer(workdir / 'checkpoints', keep=config.keep_checkpoints)
@@ -627,8 +638,10 @@ def _eval_split(config) -> str:
   return ev.classification.split if 'classification' in ev else config.data.eval_split
 
 
-def _format(results: dict[str, float]) -> str:
-  return ', '.join(f'{k} {v:.4f}' for k, v in results.items())
+def _format(results: dict[str, Any]) -> str:
+  return ', '.join(
+    f'{k} {v:.4g}' if isinstance(v, float) else f'{k} {v}' for k, v in results.items()
+  )
 
 
 def _duration(seconds: float) -> str:
