@@ -523,7 +523,9 @@ def train_and_evaluate(
   report = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer)
 
   data_index = start_index
-  visualize = make_visualize(objective, mesh, config.image_count) if config.image_every else None
+  visualize = None  # every process computes the images (a sharded computation); process 0 writes
+  if config.image_every and config.tensorboard:
+    visualize = make_visualize(objective, mesh, config.image_count)
   shown = None  # the first batch: the examples every image summary shows
 
   def save(at_step: int):

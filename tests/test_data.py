@@ -214,6 +214,26 @@ def test_eval_center_crop_resizes_shorter_side():
 def test_bad_view_option():
   with pytest.raises(ValueError, match='unknown view option'):
     pipeline.views_from_config({'v': {'size': 32, 'colour_jiter': 0.8}})
+  with pytest.raises(
+    ValueError, match=r'blur_sigma=\(0.1, 12.0\): need 0 < low <= high < size / 3'
+  ):
+    pipeline.views_from_config({'v': {'size': 32, 'blur_prob': 1.0, 'blur_sigma': (0.1, 12.0)}})
+
+
+def test_blur_sigma_per_view():
+  """The default is MoCo v3's (0.1, 2) px, unchanged; a view for small images can blur less."""
+  import tensorflow as tf
+
+  img = tf.constant(np.random.RandomState(0).randint(0, 256, (48, 48, 3)).astype(np.uint8))
+  seed = tf.constant([3, 4], tf.int64)
+  make = lambda **kw: augment.make_views(  # noqa: E731
+    img, seed, {'v': ViewSpec(**{'size': 32, 'blur_prob': 1.0, **kw})}
+  )['v']
+  default, explicit = make(), make(blur_sigma=(0.1, 2.0))
+  np.testing.assert_array_equal(default.numpy(), explicit.numpy())
+  sharp = make(blur_prob=0.0).numpy().astype(float)
+  small = make(blur_sigma=(0.01, 0.3)).numpy().astype(float)
+  assert np.abs(small - sharp).mean() < 0.5 * np.abs(default.numpy() - sharp).mean()
 
 
 # --- determinism, resume, hosts --------------------------------------------------------------------

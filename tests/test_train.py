@@ -54,6 +54,11 @@ def test_resume_matches_uninterrupted(tmp_path):
   import jax
 
   jax.tree.map(np.testing.assert_array_equal, a, b)  # bit for bit
+  # The history survives the resume (kept in the checkpoint), and a re-run of a finished run.
+  losses = lambda d: [(h['step'], h['loss']) for h in _history(d)]  # noqa: E731
+  assert losses(parts) == losses(full) and [s for s, _ in losses(full)] == [10, 20, 30, 40]
+  train.train_and_evaluate(_config('moco_to_mae', num_train_steps=40), str(parts))
+  assert losses(parts) == losses(full)
 
 
 def test_pretrained_teacher_and_student_from_converted_dirs(tmp_path):

@@ -17,8 +17,7 @@ import tensorflow as tf
 
 # MoCo v3 / BYOL colour jitter strengths (brightness, contrast, saturation, hue).
 MOCO_JITTER = (0.4, 0.4, 0.2, 0.1)
-_BLUR_SIGMA_MAX = 2.0
-_BLUR_RADIUS = math.ceil(3 * _BLUR_SIGMA_MAX)  # fixed 13-tap separable kernel, sigma drawn
+BLUR_SIGMA = (0.1, 2.0)  # MoCo v3 / BYOL / DINO, in pixels of a 224 px crop
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +42,7 @@ class ViewSpec:
   jitter: tuple[float, float, float, float] = MOCO_JITTER
   grayscale_prob: float = 0.0
   blur_prob: float = 0.0
+  blur_sigma: tuple[float, float] = BLUR_SIGMA  # pixels; the kernel spans 3 sigma-max each side
   solarize_prob: float = 0.0
   randaugment: tuple[int, float] | None = None  # (num_ops, magnitude), magnitude std 0.5
   autoaugment: bool = False  # timm's ImageNet policy v0 (the MOMA paper's fine-tuning)
@@ -53,10 +53,16 @@ class ViewSpec:
     unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
     if unknown:
       raise ValueError(f'unknown view option(s) {sorted(unknown)}; known: {cls.__doc__}')
-    for k in ('scale', 'ratio', 'jitter', 'randaugment'):
+    for k in ('scale', 'ratio', 'jitter', 'randaugment', 'blur_sigma'):
       if d.get(k) is not None:
         d[k] = tuple(d[k])
     spec = cls(**d)
+    lo, hi = spec.blur_sigma
+    if spec.blur_prob > 0 and not (0 < lo <= hi and 3 * hi < spec.size):
+      raise ValueError(
+        f'view blur_sigma={spec.blur_sigma}: need 0 < low <= high < size / 3 (pixels of the '
+        f'{spec.size} px view)'
+      )
     if spec.crop not in ('random_resized', 'center'):
       raise ValueError(f"view crop must be 'random_resized' or 'center', not {spec.crop!r}")
     return spec
@@ -189,9 +195,10 @@ def color_jitter(x: tf.Tensor, seed: tf.Tensor, strengths: tuple[float, ...]) ->
   return x
 
 
-def gaussian_blur(x: tf.Tensor, sigma: tf.Tensor) -> tf.Tensor:
-  """Separable Gaussian blur (reflect padding) with a fixed 13-tap kernel and the given sigma."""
-  r = _BLUR_RADIUS
+def gaussian_blur(x: tf.Tensor, sigma: tf.Tensor, sigma_max: float = BLUR_SIGMA[1]) -> tf.Tensor:
+  """Separable Gaussian blur (reflect padding); the kernel has 2 ceil(3 sigma_max) + 1 taps (13
+  for the default 2 px), whatever the drawn ``sigma`` <= sigma_max."""
+  r = max(1, math.ceil(3 * sigma_max))
   t = tf.range(-r, r + 1, dtype=tf.float32)
   k = tf.exp(-0.5 * tf.square(t / sigma))
   k = k / tf.reduce_sum(k)
@@ -219,8 +226,9 @@ def photometric(x: tf.Tensor, seed: tf.Tensor, spec: ViewSpec) -> tf.Tensor:
   x = x / 255.0
   x = _maybe(spec.jitter_prob, s[0], lambda y: color_jitter(y, s[1], spec.jitter), x)
   x = _maybe(spec.grayscale_prob, s[2], lambda y: tf.tile(_grayscale(y), [1, 1, 3]), x)
-  sigma = _uniform(s[4], 0.1, _BLUR_SIGMA_MAX)
-  x = _maybe(spec.blur_prob, s[3], lambda y: gaussian_blur(y, sigma), x)
+  lo, hi = spec.blur_sigma
+  sigma = _uniform(s[4], lo, hi)
+  x = _maybe(spec.blur_prob, s[3], lambda y: gaussian_blur(y, sigma, hi), x)
   x = _maybe(spec.solarize_prob, s[5], lambda y: tf.where(y < 0.5, y, 1.0 - y), x)
   return x * 255.0
 
