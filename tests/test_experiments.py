@@ -78,10 +78,15 @@ def test_bad_torch_file_is_a_one_line_value_error(tmp_path):
   assert '\n' not in str(e.value) and 'teacher.pth' in str(e.value)
 
 
-def test_small_scale_replication_ci_size(tmp_path):
+def test_small_scale_replication_ci_size(tmp_path, monkeypatch):
   """One seed, a few steps, the mask-ratio table (two runs; the other tables are the same code
   with other configs): every row is produced and well-formed, plots are written, and a second
   invocation resumes from results.json without training again."""
+  # A fifth of digits_m (train and test): the runs and probes are the real code, on fewer images.
+  from moma_jax.data import embedded
+
+  full = embedded.load
+  monkeypatch.setattr(embedded, 'load', lambda split: tuple(a[::5] for a in full(split)))
   args = ['--workdir', str(tmp_path), '--tables', 't4', '--seeds', '1', '--steps', '6',
           '--mask-ratios', '0.9', '0.75', '--no-floor']  # fmt: skip
   state = small_scale.main(args)

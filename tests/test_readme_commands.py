@@ -225,10 +225,13 @@ def test_readme_imagenet_commands(converted, sandbox):
 def _dry_run(cmd: str, sandbox, extra: list[str]) -> None:
   d, env = sandbox
   workdir = re.search(r'--workdir=(\S+)', cmd).group(1)
+  path = re.sub(r'\$(\w+)', lambda m: env[m.group(1)], workdir.replace('/tmp/', f'{d}/tmp/', 1))
+  before = (
+    sorted(os.walk(path)) if os.path.exists(path) else None
+  )  # a workdir an earlier command used
   p = _run(cmd, sandbox, [*extra, '--dry_run'])
   assert re.search(r': dry run, nothing written; mesh .* total_steps 2,', p.stdout), p.stdout
-  path = re.sub(r'\$(\w+)', lambda m: env[m.group(1)], workdir.replace('/tmp/', f'{d}/tmp/', 1))
-  assert not os.path.exists(path), path
+  assert (sorted(os.walk(path)) if os.path.exists(path) else None) == before, path
 
 
 RUNLOCAL = _commands('runlocal')
