@@ -9,6 +9,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from moma_jax.masking import visible_mask
 from moma_jax.models.vit import patchify, unpatchify
 
 Array = jax.Array
@@ -20,17 +21,11 @@ def to_unit(images: Array) -> Array:
   return images.astype(jnp.float32) / 255.0
 
 
-def patch_mask(keep_idx: Array, num_patches: int) -> Array:
-  """bool [B, N]: True where the patch is visible."""
-  b = keep_idx.shape[0]
-  return jnp.zeros((b, num_patches), bool).at[jnp.arange(b)[:, None], keep_idx].set(True)
-
-
 def masked(images: Array, keep_idx: Array, patch_size: int) -> Array:
   """[B, H, W, 3] in [0, 1] with the patches not in ``keep_idx`` grey: what the student sees."""
   grid = (images.shape[1] // patch_size, images.shape[2] // patch_size)
   patches = patchify(images, patch_size)
-  visible = patch_mask(keep_idx, patches.shape[1])[..., None]
+  visible = visible_mask(keep_idx, patches.shape[1])[..., None]
   return unpatchify(jnp.where(visible, patches, HIDDEN), patch_size, grid, images.shape[-1])
 
 
@@ -54,7 +49,7 @@ def reconstruction(
     mu = target.mean(-1, keepdims=True)
     var = target.var(-1, keepdims=True, ddof=1)
     pred = pred * jnp.sqrt(var + 1e-6) + mu
-  visible = patch_mask(keep_idx, target.shape[1])[..., None]
+  visible = visible_mask(keep_idx, target.shape[1])[..., None]
   patches = jnp.where(visible, target, pred)
   grid = (normalised.shape[1] // patch_size, normalised.shape[2] // patch_size)
   x = unpatchify(patches, patch_size, grid, normalised.shape[-1])

@@ -20,3 +20,9 @@ def random_keep_idx(key: jax.Array, batch: int, num_patches: int, mask_ratio: fl
   noise = jax.random.uniform(key, (batch, num_patches))
   keep = num_visible(num_patches, mask_ratio)
   return jnp.argsort(noise, axis=1)[:, :keep].astype(jnp.int32)
+
+
+def visible_mask(keep_idx: jax.Array, num_patches: int) -> jax.Array:
+  """bool [B, N]: True at the patches in ``keep_idx`` [B, n_keep] (the visible ones)."""
+  b = keep_idx.shape[0]
+  return jnp.zeros((b, num_patches), bool).at[jnp.arange(b)[:, None], keep_idx].set(True)

@@ -35,6 +35,8 @@ import subprocess
 import sys
 import time
 
+from moma_jax.experiments import small_scale  # load_results: the same resumable results.json
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 STEPS = 300  # the runlocal configs' own budget
 RUNS = {
@@ -171,14 +173,7 @@ def main(argv: list[str] | None = None) -> dict:
   workdir = os.path.abspath(a.workdir)
   os.makedirs(workdir, exist_ok=True)
   res_path = os.path.join(workdir, 'results.json')
-  state = {'steps': a.steps, 'results': {}}
-  if os.path.exists(res_path):
-    with open(res_path) as f:
-      state = json.load(f)
-    if state['steps'] != a.steps:
-      raise SystemExit(
-        f'error: {res_path} holds {state["steps"]}-step runs, not {a.steps}; use another --workdir'
-      )
+  state = small_scale.load_results(res_path, a.steps)
   state.pop('seeds', None)
   results = state['results']
   t_start = time.time()

@@ -296,6 +296,20 @@ def plots(rows: list[Row], results: dict, out: str) -> list[str]:
   return paths
 
 
+def load_results(res_path: str, steps: int) -> dict[str, Any]:
+  """The state of a resumable experiment ({'steps', 'results'}): read back from ``res_path`` if it
+  exists (refused if its runs had another length), else empty."""
+  if not os.path.exists(res_path):
+    return {'steps': steps, 'results': {}}
+  with open(res_path) as f:
+    state = json.load(f)
+  if state['steps'] != steps:
+    raise SystemExit(
+      f'error: {res_path} holds {state["steps"]}-step runs, not {steps}; use another --workdir'
+    )
+  return state
+
+
 def main(argv: list[str] | None = None) -> dict:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   p.add_argument('--workdir', required=True)
@@ -314,14 +328,7 @@ def main(argv: list[str] | None = None) -> dict:
   os.makedirs(a.workdir, exist_ok=True)
   rows = plan(tuple(a.tables), tuple(a.mask_ratios))
   res_path = os.path.join(a.workdir, 'results.json')
-  state = {'steps': a.steps, 'results': {}}
-  if os.path.exists(res_path):
-    with open(res_path) as f:
-      state = json.load(f)
-    if state['steps'] != a.steps:
-      raise SystemExit(
-        f'error: {res_path} holds {state["steps"]}-step runs, not {a.steps}; use another --workdir'
-      )
+  state = load_results(res_path, a.steps)
   results = state['results']
   t_start = time.time()
   for run in unique_runs(rows):

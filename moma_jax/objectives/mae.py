@@ -31,9 +31,7 @@ def pixel_targets(images: Array, patch_size: int, norm_pix: bool = True) -> Arra
 
 def masked_mean(per_patch: Array, keep_idx: Array) -> Array:
   """Mean of per_patch [B, N] over the *masked* patches (those not in keep_idx)."""
-  b, n = per_patch.shape
-  visible = jnp.zeros((b, n), bool).at[jnp.arange(b)[:, None], keep_idx].set(True)
-  masked = (~visible).astype(per_patch.dtype)
+  masked = (~masking.visible_mask(keep_idx, per_patch.shape[1])).astype(per_patch.dtype)
   return (per_patch * masked).sum() / masked.sum()
 
 
