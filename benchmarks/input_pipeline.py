@@ -8,6 +8,9 @@ access), decoding only each crop window. MOMA's views are taken from configs/moc
 
 Rates: images per wall-clock second, and per CPU second of this process (user + system over all
 its threads: images/s per core, which stays meaningful on a machine shared with other work).
+Settings with photometric augmentations run twice: 'host' (tf.data applies them) and 'device'
+(the host makes the crops and the per-example seeds; the train step applies them on the
+accelerator, moma_jax/data/photometric.py: data.photometric='auto' on GPU / TPU).
 
   python benchmarks/input_pipeline.py [--images 1024] [--threads 1 2] [--seconds 10]
   python benchmarks/input_pipeline.py --profile   # where the time of MOMA's views goes
@@ -55,9 +58,13 @@ def prepare(root: str, images: int, noise: int = 40) -> sources.HostSplit:
   )  # fmt: skip
 
 
-def measure(src, views, threads: int, batch: int, seconds: float) -> tuple[float, float]:
+def measure(
+  src, views, threads: int, batch: int, seconds: float, device_photometric: bool = False
+) -> tuple[float, float]:
   """(images per wall second, images per CPU second) after a warm-up."""
-  it = pipeline.train_iterator(src, views, batch_size=batch, seed=0, threads=threads)
+  it = pipeline.train_iterator(
+    src, views, batch_size=batch, seed=0, threads=threads, device_photometric=device_photometric
+  )
   for _ in range(3):
     next(it)
   n, t0, c0 = 0, time.perf_counter(), time.process_time()
@@ -118,14 +125,19 @@ def main() -> None:
     if a.profile:
       profile(src, a.seconds)
       return
-    print('| pipeline | threads | images/s | images/s per thread | images/s per CPU second |')
-    print('|---|---|---|---|---|')
+    print(
+      '| pipeline | photometric ops | threads | images/s | images/s per thread '
+      '| images/s per CPU second |'
+    )
+    print('|---|---|---|---|---|---|')
     for name, views in SETTINGS.items():
       if a.only not in name:
         continue
-      for t in a.threads:
-        wall, cpu = measure(src, views, t, a.batch, a.seconds)
-        print(f'| {name} | {t} | {wall:.0f} | {wall / t:.0f} | {cpu:.0f} |', flush=True)
+      strong = any(v.strong for v in views.values())
+      for where in ('host', 'device') if strong else ('-',):
+        for t in a.threads:
+          wall, cpu = measure(src, views, t, a.batch, a.seconds, where == 'device')
+          print(f'| {name} | {where} | {t} | {wall:.0f} | {wall / t:.0f} | {cpu:.0f} |', flush=True)
 
 
 if __name__ == '__main__':

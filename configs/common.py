@@ -147,6 +147,10 @@ def base_config(name: str) -> ml_collections.ConfigDict:
     # Typed placeholders (None until set) so --config.data.data_dir=gs://... can override them.
     **IMAGENET, data_dir=placeholder(str), manual_dir=placeholder(str), image_size=224,
     eval_resize_ratio=256 / 224, views={},
+    # Where the views' colour jitter / grayscale / blur / solarisation run: 'device' (in the train
+    # step, batched: moma_jax/data/photometric.py), 'host' (tf.data, augment.py), or 'auto': the
+    # device on GPU / TPU, the host when the devices are the host's own CPU cores.
+    photometric='auto',
   )  # fmt: skip
   return c
 

@@ -33,7 +33,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
 from moma_jax import builders, checkpointing, flops, images, optim, sharding, storage, summary
-from moma_jax.data import device, pipeline, sources
+from moma_jax.data import device, photometric, pipeline, sources
 from moma_jax.evaluators.classification import ClassificationEvaluator
 from moma_jax.evaluators.knn import KnnEvaluator, encoder_features, pixel_features
 from moma_jax.models import pretrained, resnet, vit
@@ -55,15 +55,20 @@ class NonFiniteError(FloatingPointError):
 # --- the update ------------------------------------------------------------------------------------
 
 
-def make_train_step(objective, tx: optax.GradientTransformation, schedule, skip_nonfinite=False):
+def make_train_step(
+  objective, tx: optax.GradientTransformation, schedule, skip_nonfinite=False, augment=None
+):
   """Pure update: (state, frozen, batch, rng) -> (state, metrics). rng is the run's base key.
 
   With ``skip_nonfinite`` a step whose loss or gradients are not finite leaves parameters,
-  optimizer and objective state unchanged and is counted in ``state.skipped``.
+  optimizer and objective state unchanged and is counted in ``state.skipped``. ``augment``
+  (batch -> batch, e.g. photometric.make_batch_fn) runs on the batch first, on device.
   """
 
   def step(state: TrainState, frozen, batch, rng):
     rng = jax.random.fold_in(rng, state.step)
+    if augment is not None:
+      batch = augment(batch)
     grad_fn = jax.value_and_grad(objective.loss, has_aux=True)
     (loss, (metrics, extra)), grads = grad_fn(state.params, state.extra, frozen, batch, rng)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -104,13 +109,14 @@ def create_state(objective, tx, mesh, rules, rng, start_params=None):
 
 
 def jit_train_step(
-  objective, tx, schedule, mesh, state_sharding, frozen_sharding, skip_nonfinite=False
-):
+  objective, tx, schedule, mesh, state_sharding, frozen_sharding, skip_nonfinite=False,
+  augment=None,
+):  # fmt: skip
   """The update, jitted with explicit shardings and the state's buffers donated."""
   repl = sharding.replicated(mesh)
   batch_sharding = device.batch_sharding(mesh, sharding.data_axes(mesh))
   return jax.jit(
-    make_train_step(objective, tx, schedule, skip_nonfinite),
+    make_train_step(objective, tx, schedule, skip_nonfinite, augment),
     in_shardings=(state_sharding, frozen_sharding, batch_sharding, repl),
     out_shardings=(state_sharding, repl),
     donate_argnums=(0,),
@@ -164,13 +170,16 @@ class Evaluation:
   before: bool = False  # also run at step 0, as the "before training" baseline
 
 
-def make_visualize(objective, mesh, count: int) -> Callable[..., np.ndarray]:
+def make_visualize(objective, mesh, count: int, augment=None) -> Callable[..., np.ndarray]:
   """(params, extra, frozen, batch) -> float32 [count, H, W', 3] in [0, 1] on every process: the
   objective's ``visualize`` panels of the batch's first ``count`` examples side by side (an
-  objective without one: its views of the training image size), for TensorBoard."""
+  objective without one: its views of the training image size), for TensorBoard. ``augment``:
+  the train step's on-device augmentation, so the panels show what the model is trained on."""
   views = sorted(objective.required_views())
 
   def panels(params, extra, frozen, batch):
+    if augment is not None:
+      batch = augment(batch)
     batch = {k: batch[k][:count] for k in views}
     if hasattr(objective, 'visualize'):
       out = objective.visualize(params, extra, frozen, batch, jax.random.key(0))
@@ -427,6 +436,10 @@ def train_and_evaluate(
   data_axes = sharding.data_axes(mesh)
   per_host_batch = device.check_batch_size(config.batch_size, mesh, data_axes)
   views = pipeline.views_from_config(config.data.views)
+  if config.data.get('photometric', 'auto') not in ('auto', 'device', 'host'):
+    raise ValueError(
+      f"data.photometric must be 'auto', 'device' or 'host', not {config.data.photometric!r}"
+    )
   train_src = sources.open_split(
     config.data.name, config.data.train_split, data_dir=config.data.data_dir,
     manual_dir=config.data.manual_dir,
@@ -508,14 +521,16 @@ def train_and_evaluate(
 
   # 4. The loop.
   batch_sharding = device.batch_sharding(mesh, data_axes)
+  used_views = {k: views[k] for k in objective.required_views()}
+  on_device = photometric.on_device(config.data.get('photometric', 'auto'))
+  augment = photometric.make_batch_fn(used_views) if on_device else None
   train_iter = pipeline.train_iterator(
-    train_src, {k: views[k] for k in objective.required_views()}, batch_size=per_host_batch,
-    seed=config.seed, start_index=start_index,
-    process_index=jax.process_index(),
+    train_src, used_views, batch_size=per_host_batch, seed=config.seed, start_index=start_index,
+    process_index=jax.process_index(), device_photometric=augment is not None,
   )  # fmt: skip
 
   train_step = jit_train_step(
-    objective, tx, schedule, mesh, state_sharding, frozen_sharding, config.skip_nonfinite
+    objective, tx, schedule, mesh, state_sharding, frozen_sharding, config.skip_nonfinite, augment
   )
   check = (lambda *_: None) if config.skip_nonfinite else _check_finite
   flops_per_step = objective.flops_per_example() * config.batch_size
@@ -525,7 +540,7 @@ def train_and_evaluate(
   data_index = start_index
   visualize = None  # every process computes the images (a sharded computation); process 0 writes
   if config.image_every and config.tensorboard:
-    visualize = make_visualize(objective, mesh, config.image_count)
+    visualize = make_visualize(objective, mesh, config.image_count, augment)
   shown = None  # the first batch: the examples every image summary shows
 
   def save(at_step: int):

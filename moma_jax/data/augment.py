@@ -238,12 +238,13 @@ def to_uint8(x: tf.Tensor) -> tf.Tensor:
 
 
 def make_views(
-  image: tf.Tensor, seed: tf.Tensor, specs: dict[str, ViewSpec]
+  image: tf.Tensor, seed: tf.Tensor, specs: dict[str, ViewSpec], photometric_ops: bool = True
 ) -> dict[str, tf.Tensor]:
   """All views of one example: {name: uint8 [size, size, 3]}.
 
   Views that name ``share_crop_with`` reuse that view's crop window and flip (decoded once), and
-  apply their own resize and photometric augmentation.
+  apply their own resize and photometric augmentation (unless ``photometric_ops`` is False: the
+  train step then applies it on device, moma_jax/data/photometric.py).
   """
   from moma_jax.data import randaugment  # heavy op table; only built when used
 
@@ -275,7 +276,8 @@ def make_views(
       x = randaugment.rand_augment(x, s_ra, *spec.randaugment)
     if spec.autoaugment:
       x = randaugment.auto_augment(x, s_ra)
-    x = photometric(x, s_photo, spec)
+    if photometric_ops:
+      x = photometric(x, s_photo, spec)
     x = to_uint8(x)
     x.set_shape([spec.size, spec.size, 3])
     out[name] = x

@@ -36,6 +36,7 @@ from absl import logging
 
 from moma_jax.data import augment, sources
 from moma_jax.data.augment import ViewSpec
+from moma_jax.data.photometric import AUG_SEED
 from moma_jax.data.sources import HostSplit
 
 AUTOTUNE = tf.data.AUTOTUNE
@@ -137,6 +138,7 @@ def train_iterator(
   start_index: int = 0,
   process_index: int | None = None,
   threads: int | None = None,
+  device_photometric: bool = False,
 ) -> _Counting:
   """Endless stream of {view: uint8 [b, S, S, 3], 'label': int32 [b]} for this host.
 
@@ -148,6 +150,9 @@ def train_iterator(
     start_index: stream position to start at (``iterator.next_index`` of a previous run).
     process_index: this process (defaults to the source's; only a check).
     threads: size of the private tf.data thread pool (None: tf.data's default).
+    device_photometric: leave the views' photometric augmentation (colour jitter, grayscale,
+      blur, solarise) to the train step (moma_jax/data/photometric.py): each example then also
+      carries its augmentation seed, uint32 [2] under ``photometric.AUG_SEED``.
   """
   lookup, load = source.random_access()
   if process_index is None:
@@ -169,7 +174,11 @@ def train_iterator(
 
   def make(index, record):
     ex = load(record)
-    out = augment.make_views(ex['image'], _example_seed(seed, process_index, index), views)
+    example_seed = _example_seed(seed, process_index, index)
+    out = augment.make_views(ex['image'], example_seed, views, not device_photometric)
+    if device_photometric:
+      words = tf.random.stateless_uniform([2], example_seed, None, None, tf.int32)
+      out[AUG_SEED] = tf.bitcast(words, tf.uint32)
     return {**out, 'label': tf.cast(ex['label'], tf.int32), 'index': index}
 
   def stream(start: int, stop: int = 2**62) -> tf.data.Dataset:
