@@ -204,7 +204,8 @@ def make_evaluations(config, objective, mesh, data_axes) -> list[Evaluation]:
     if name == 'knn':
       ev = KnnEvaluator(
         dataset=config.data.name, train_split=ec.train_split, eval_split=ec.eval_split,
-        batch_size=ec.batch_size, max_train_examples=ec.max_train or None, **common,
+        batch_size=ec.batch_size, max_train_examples=ec.max_train or None,
+        linear=ec.get('linear', True), **common,
       )  # fmt: skip
 
       pool = ec.get('features', 'cls')

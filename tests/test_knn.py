@@ -109,9 +109,9 @@ def test_evaluator_equals_the_reference_on_digits_8_devices():
   """Every train example in the bank exactly once, padding never a neighbour, every test example
   counted once (1077 train / 720 test do not divide the batch of 64)."""
   mesh, data_axes = _mesh({'data': 2, 'fsdp': 4})
-  ev = knn.KnnEvaluator(
+  ev = knn.KnnEvaluator(  # the linear probe: tests/test_linear_probe.py
     dataset='digits_m', train_split='train', eval_split='test', image_size=32, batch_size=64,
-    mesh=mesh, data_axes=data_axes, resize_ratio=1.0, bank_block=40,
+    mesh=mesh, data_axes=data_axes, resize_ratio=1.0, bank_block=40, linear=False,
   )  # fmt: skip
   w = jax.random.normal(jax.random.key(0), (32 * 32 * 3, 24)) / 50.0
 
@@ -155,10 +155,12 @@ def test_command_on_a_pytorch_checkpoint_equals_the_trainer_evaluator():
   params = {'params': {k: v for k, v in loaded.params['params'].items() if k != 'head'}}
   ev = _evaluator(model)
   fn = knn.encoder_features(model, pool='cls+mean')  # no statistics recorded: ImageNet's
-  (_, top1), = ev.run(fn, params)  # fmt: skip
-  (_, pixels), = ev.run(train_pixel_features, None)  # fmt: skip
-  assert _percent(out, 'knn/top1') == pytest.approx(100 * top1, abs=0.006)
+  result = dict(ev.run(fn, params))
+  (_, pixels), = _evaluator(model, linear=False).run(train_pixel_features, None)  # fmt: skip
+  assert _percent(out, 'knn/top1') == pytest.approx(100 * result['knn/top1'], abs=0.006)
+  assert _percent(out, 'linear/top1') == pytest.approx(100 * result['knn/linear'], abs=0.006)
   assert _percent(out, 'raw pixels') == pytest.approx(100 * pixels, abs=0.006)
+  assert re.search(r'raw pixels: [\d.]+% \(linear [\d.]+%\)', out), out
   assert _percent(out, 'chance') == 10.0
 
 
@@ -183,8 +185,9 @@ def test_command_reads_the_input_statistics_of_a_converted_directory(tmp_path):
   assert 'raw pixels' not in out
   ev = _evaluator(model, max_train_examples=512)
   fn = knn.encoder_features(model, pool='mean', **stats)
-  (_, top1), = ev.run(fn, variables)  # fmt: skip
-  assert _percent(out, 'knn/top1') == pytest.approx(100 * top1, abs=0.006)
+  result = dict(ev.run(fn, variables))
+  assert _percent(out, 'knn/top1') == pytest.approx(100 * result['knn/top1'], abs=0.006)
+  assert _percent(out, 'linear/top1') == pytest.approx(100 * result['knn/linear'], abs=0.006)
 
 
 @pytest.mark.parametrize(

@@ -49,4 +49,4 @@ def test_notebook_runs_top_to_bottom(tmp_path):
   )
   assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
   assert 'knn/model/top1' in r.stdout
-  assert re.search(r'student +\d+\.\d% +\(before training', r.stdout), r.stdout[-2000:]
+  assert re.search(r'student \(before -> after\) +\d+\.\d% ->', r.stdout), r.stdout[-2000:]

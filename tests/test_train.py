@@ -113,12 +113,14 @@ def test_main_runlocal_end_to_end(tmp_path):
   ]
   assert steps == list(range(25, 301, 25)), steps
   block = r.stdout[r.stdout.index('moco_to_mae: 300/300 steps') :]
-  for pattern in (
-    r'student +\d+\.\d% +\(before training +\d+\.\d%\)',
-    r'teacher moco +\d+\.\d%', r'random-init student +\d+\.\d%', r'raw pixels +\d+\.\d%',
-    r'chance +10\.0%',
+  pct = r' +\d+\.\d%'
+  for pattern in (  # k-NN and linear-probe columns
+    r'k-NN \(k 20, T 0\.07\) and linear-probe top-1 on digits_m',
+    rf'student \(before -> after\){pct} ->{pct}{pct} ->{pct}$',
+    rf'teacher moco{pct}{pct}$', rf'random-init student{pct}{pct}$', rf'raw pixels{pct}{pct}$',
+    r'chance +10\.0% +10\.0%$',
   ):  # fmt: skip
-    assert re.search(pattern, block), block
+    assert re.search(pattern, block, re.M), block
   metrics = json.load(open(tmp_path / 'final_metrics.json'))
   final = metrics['final']
   assert final['step'] == 300 and final['summary'] == block.strip().splitlines()
@@ -130,6 +132,7 @@ def test_main_runlocal_end_to_end(tmp_path):
     'knn/random_init/top1',
   ):
     assert 0 <= final[key] <= 1
+    assert 0 <= final[key.replace('/top1', '/linear')] <= 1
   assert [h['step'] for h in metrics['history']] == list(range(25, 301, 25))
   assert os.path.exists(tmp_path / 'config.json')
   # TensorBoard images every 100 steps: teacher view | student sees (masked), 4 examples.

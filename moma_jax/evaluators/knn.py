@@ -1,5 +1,7 @@
 """k-NN classification on frozen features (DINO's protocol): cosine similarity, the k = 20 nearest
-training examples vote for their class with weight exp(similarity / T), T = 0.07.
+training examples vote for their class with weight exp(similarity / T), T = 0.07; and, on the same
+features, a linear probe (multinomial logistic regression on standardised features, fitted on
+device: :mod:`moma_jax.evaluators.linear`).
 
 Everything stays on the devices, sharded, so the memory bank scales with the number of devices:
 
@@ -10,15 +12,21 @@ Everything stays on the devices, sharded, so the memory bank scales with the num
   against its own bank rows block by block, keeping a running top-k (``jax.lax.top_k`` over the
   best k so far and the new block), and the per-device top-k's are all-gathered and merged;
 * padding (examples with mask False from the eval iterator, and the unused rows of the bank) has
-  similarity -inf: it is never a neighbour.
+  similarity -inf: it is never a neighbour;
+* the linear probe is fitted on the bank's rows (unit-normalised rows times their kept norms: the
+  raw features) and scored on the eval split's features, kept in a second bank of the same layout
+  as the batches go by; padding rows count in neither.
 
 Memory per device, in float32 words, with S data-parallel devices, a bank of N rows of width D,
 Q queries per eval batch, bank blocks of B rows (``bank_block``), C classes:
-  bank          N / S * (D + 2)               (features, label, validity; N / S rounded up to
-                                               whole eval batches and blocks)
+  bank          N / S * (D + 3)               (features, label, validity, norm; N / S rounded up
+                                               to whole eval batches and blocks)
   one step      Q * D + Q * (B + k) * 2       (gathered queries; block similarities + running
                                                top-k with their labels)
   merge, votes  2 * Q * k * S + Q * C
+  linear probe  N_eval / S * (D + 3)          (the eval split's features, kept for the probe)
+                + D * D (Gram matrix) + D * D / S (its inverse factor) + a transient [N / S, D]
+                and a few [N / S, C] during the fit
 ImageNet-1k with ViT-B CLS features (N = 1.28M, D = 768) on 8 devices: 0.49 GB of bank per device
 (twice that for 'cls+mean'), plus ~140 MB per step for Q = 1024, B = 16384 -- where the host
 version held 3.9 GB of features on every host and a 5 GB similarity chunk.
@@ -45,6 +53,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from moma_jax.data import device, pipeline, sources
 from moma_jax.data.augment import ViewSpec
 from moma_jax.data.mixing import normalize
+from moma_jax.evaluators import linear as linear_probe
 from moma_jax.models.pretrained import IMAGENET_MEAN, IMAGENET_STD
 from moma_jax.models.vit import POOLS, ViT, pool_tokens
 
@@ -150,7 +159,9 @@ class MemoryBank:
   """Unit-normalised features of the train split, sharded over ``data_axes`` along N.
 
   Rows are in no particular order (each device holds the examples of its batch shards); padding
-  rows have ``valid`` False.
+  rows have ``valid`` False. ``norms`` are the rows' norms before normalisation (clamped at
+  1e-12, as the normalisation is): ``features * norms[:, None]`` are the raw features, for the
+  linear probe.
   """
 
   features: jax.Array  # [N, D] float32
@@ -160,6 +171,7 @@ class MemoryBank:
   data_axes: tuple[str, ...]
   block: int  # rows per device scored per step; divides N / shards
   num_examples: int  # valid rows
+  norms: jax.Array | None = None  # [N] float32
 
   @property
   def shards(self) -> int:
@@ -170,9 +182,13 @@ def _num_shards(mesh: Mesh, data_axes: tuple[str, ...]) -> int:
   return int(np.prod([mesh.shape[a] for a in data_axes]))
 
 
+def _norm(x: jax.Array) -> jax.Array:
+  return jnp.maximum(jnp.linalg.norm(x.astype(jnp.float32), axis=-1), 1e-12)
+
+
 def _unit(x: jax.Array) -> jax.Array:
   x = x.astype(jnp.float32)
-  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+  return x / _norm(x)[..., None]
 
 
 class _BankWriter:
@@ -198,11 +214,11 @@ class _BankWriter:
 
   def _allocate(self, dim: int) -> None:
     n = self.local_rows * _num_shards(self.mesh, self.data_axes)
-    shapes = ((n, dim), (n,), (n,))
-    dtypes = (jnp.float32, jnp.int32, jnp.bool_)
+    shapes = ((n, dim), (n,), (n,), (n,))
+    dtypes = (jnp.float32, jnp.int32, jnp.bool_, jnp.float32)
     shardings = (NamedSharding(self.mesh, PartitionSpec(self.data_axes, None)),) + (
       self.sharding,
-    ) * 2
+    ) * 3
     zeros = jax.jit(
       lambda: tuple(jnp.zeros(s, d) for s, d in zip(shapes, dtypes, strict=True)),
       out_shardings=shardings,
@@ -211,17 +227,18 @@ class _BankWriter:
     spec, row = PartitionSpec(self.data_axes, None), PartitionSpec(self.data_axes)
 
     def write(bank, feats, labels, mask, offset):
-      f, y, v = bank
+      f, y, v, r = bank
       f = jax.lax.dynamic_update_slice_in_dim(f, _unit(feats), offset, 0)
       y = jax.lax.dynamic_update_slice_in_dim(y, labels.astype(jnp.int32), offset, 0)
       v = jax.lax.dynamic_update_slice_in_dim(v, mask.astype(jnp.bool_), offset, 0)
-      return f, y, v
+      r = jax.lax.dynamic_update_slice_in_dim(r, _norm(feats), offset, 0)
+      return f, y, v, r
 
     sharded = jax.shard_map(
       write,
       mesh=self.mesh,
-      in_specs=((spec, row, row), spec, row, row, PartitionSpec()),
-      out_specs=(spec, row, row),
+      in_specs=((spec, row, row, row), spec, row, row, PartitionSpec()),
+      out_specs=(spec, row, row, row),
     )
     self._write = jax.jit(sharded, donate_argnums=(0,))
 
@@ -237,8 +254,13 @@ class _BankWriter:
     self.batches += 1
 
   def finish(self) -> MemoryBank:
-    f, y, v = self.bank
-    return MemoryBank(f, y, v, self.mesh, self.data_axes, self.block, int(self.count))
+    f, y, v, r = self.bank
+    return MemoryBank(f, y, v, self.mesh, self.data_axes, self.block, int(self.count), r)
+
+
+def _num_batches(source: sources.HostSplit, per_host: int) -> int:
+  """Global batches of ``per_host`` examples per host that cover a split (every host, each once)."""
+  return max(1, math.ceil(math.ceil(source.total_examples / jax.process_count()) / per_host))
 
 
 def extract_bank(
@@ -258,7 +280,7 @@ def extract_bank(
   jitted (or cheap): it is called once per batch."""
   per_host = device.check_batch_size(batch_size, mesh, data_axes)
   sharding = device.batch_sharding(mesh, data_axes)
-  num_batches = max(1, math.ceil(math.ceil(source.total_examples / jax.process_count()) / per_host))
+  num_batches = _num_batches(source, per_host)
   if max_examples:
     num_batches = min(num_batches, math.ceil(max_examples / batch_size))
   it = pipeline.eval_iterator(
@@ -390,6 +412,21 @@ def knn_scores(
   return fn(queries, bank.features, bank.labels, bank.valid)
 
 
+def linear_probe_top1(
+  train: MemoryBank, test: MemoryBank, *, num_classes: int, c: float = 1.0, max_iter: int = 500
+) -> float:
+  """Top-1 on the ``test`` bank's valid rows of a linear probe fitted on the ``train`` bank's
+  (:func:`moma_jax.evaluators.linear.fit`: logistic regression on the raw features, standardised
+  with the train mean / std; scikit-learn's ``C = c``)."""
+  probe = linear_probe.fit(
+    train.features, train.labels, train.valid, train.norms, num_classes=num_classes, c=c,
+    max_iter=max_iter,
+  )  # fmt: skip
+  counts = linear_probe.count_correct(probe, test.features, test.labels, test.valid, test.norms)
+  correct, total = (int(x) for x in np.asarray(counts))
+  return correct / max(total, 1)
+
+
 @jax.jit
 def _count_correct(scores: jax.Array, labels: jax.Array, mask: jax.Array) -> jax.Array:
   hit = (jnp.argmax(scores, axis=1) == labels) & mask
@@ -397,7 +434,10 @@ def _count_correct(scores: jax.Array, labels: jax.Array, mask: jax.Array) -> jax
 
 
 class KnnEvaluator:
-  """Periodic k-NN top-1 of an encoder: train-split features as the memory bank, eval split queried.
+  """Periodic k-NN top-1 of an encoder: train-split features as the memory bank, eval split queried;
+  with ``linear``, also the top-1 of a linear probe on the same features (logistic regression with
+  scikit-learn's ``C = linear_c``, at most ``linear_max_iter`` L-BFGS iterations; see
+  :mod:`moma_jax.evaluators.linear`).
 
   Memory per device: see the module docstring (the bank is split over the data-parallel devices;
   each eval batch of ``batch_size`` queries is scored in blocks of ``bank_block`` bank rows).
@@ -419,6 +459,9 @@ class KnnEvaluator:
     max_train_examples: int | None = None,
     resize_ratio: float = 256 / 224,
     bank_block: int = 16384,
+    linear: bool = True,
+    linear_c: float = 1.0,
+    linear_max_iter: int = 500,
   ):
     self.train = sources.open_split(dataset, train_split, data_dir=data_dir)
     self.test = sources.open_split(dataset, eval_split, data_dir=data_dir)
@@ -427,6 +470,7 @@ class KnnEvaluator:
     self.k, self.temperature = k, temperature
     self.max_train = max_train_examples
     self.bank_block = bank_block
+    self.linear, self.linear_c, self.linear_max_iter = linear, linear_c, linear_max_iter
 
   @property
   def num_classes(self) -> int:
@@ -437,7 +481,8 @@ class KnnEvaluator:
   ) -> Iterator[tuple[str, float]]:
     """features_fn(params, uint8 images [B, H, W, 3]) -> [B, D]; ``params`` any pytree.
 
-    Yields (f'{prefix}/top1', accuracy over every example of the eval split).
+    Yields (f'{prefix}/top1', k-NN accuracy over every example of the eval split), then, with
+    ``linear``, (f'{prefix}/linear', the linear probe's).
     """
     fn = jax.jit(features_fn)
     bank = extract_bank(
@@ -449,16 +494,28 @@ class KnnEvaluator:
     it = pipeline.eval_iterator(
       self.test, {'image': self.view}, batch_size=per_host, process_count=jax.process_count()
     )
+    if self.linear:  # the eval split's features, kept on device for the probe
+      test_bank = _BankWriter(
+        self.mesh, self.data_axes, self.batch_size, _num_batches(self.test, per_host), 1 << 30
+      )
     counts = jnp.zeros(2, jnp.int32)  # (correct, examples), summed on device
     for batch in it:
       g = device.make_global(batch, sharding)
+      feats = fn(params, g['image'])
       scores = knn_scores(
-        bank, fn(params, g['image']), num_classes=self.num_classes, k=self.k,
-        temperature=self.temperature,
-      )  # fmt: skip
+        bank, feats, num_classes=self.num_classes, k=self.k, temperature=self.temperature
+      )
       counts = counts + _count_correct(scores, g['label'], g['mask'])
+      if self.linear:
+        test_bank.add(feats, g['label'], g['mask'])
     correct, total = (int(c) for c in np.asarray(counts))
     yield f'{prefix}/top1', correct / max(total, 1)
+    if self.linear:
+      top1 = linear_probe_top1(
+        bank, test_bank.finish(), num_classes=self.num_classes, c=self.linear_c,
+        max_iter=self.linear_max_iter,
+      )  # fmt: skip
+      yield f'{prefix}/linear', top1
 
 
 # --- the standalone command ------------------------------------------------------------------------
@@ -492,8 +549,9 @@ def default_splits(dataset: str, data_dir: str | None = None) -> tuple[str, str,
 def _parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(
     prog='python -m moma_jax.evaluators.knn',
-    description='k-NN top-1 (k=20, T=0.07, cosine; DINO protocol) of an encoder checkpoint, next '
-    'to the raw-pixel and chance baselines',
+    description='k-NN top-1 (k=20, T=0.07, cosine; DINO protocol) and linear-probe top-1 '
+    '(logistic regression on standardised features) of an encoder checkpoint, next to the '
+    'raw-pixel and chance baselines',
   )
   p.add_argument(
     '--checkpoint', required=True, help='converted directory, or a PyTorch .pth / .pth.tar'
@@ -512,8 +570,10 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument(
     '--resize_ratio', type=float, default=None, help='default: 1 for digits_m, else 256/224'
   )
+  p.add_argument('--linear', action=argparse.BooleanOptionalAction, default=True,
+                 help='also a linear probe on the same features')  # fmt: skip
   p.add_argument('--baselines', action=argparse.BooleanOptionalAction, default=True,
-                 help='also report raw-pixel k-NN and chance')  # fmt: skip
+                 help='also report raw pixels (k-NN, linear probe) and chance')  # fmt: skip
   return p
 
 
@@ -538,7 +598,7 @@ def main(argv: list[str] | None = None) -> int:
       dataset=a.dataset, train_split=train_split, eval_split=eval_split,
       image_size=model.image_size, batch_size=a.batch_size, mesh=mesh, data_axes=('data',),
       data_dir=a.data_dir, k=a.k, temperature=a.temperature,
-      max_train_examples=a.max_train or None, resize_ratio=ratio,
+      max_train_examples=a.max_train or None, resize_ratio=ratio, linear=a.linear,
     )  # fmt: skip
   except (OSError, ValueError, KeyError) as e:  # DataError, CheckpointMismatchError are ValueErrors
     msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -546,11 +606,16 @@ def main(argv: list[str] | None = None) -> int:
     return 2
 
   params = {'params': {k: v for k, v in loaded.params['params'].items() if k != 'head'}}
-  top1 = dict(ev.run(features, params))['knn/top1']
-  line = f'knn/top1: {100 * top1:.2f}%'
+  result = dict(ev.run(features, params))
+  line = f'knn/top1: {100 * result["knn/top1"]:.2f}%'
+  if a.linear:
+    line += f'  linear/top1: {100 * result["knn/linear"]:.2f}%'
   if a.baselines:
-    pixels = dict(ev.run(pixel_features(), None))['knn/top1']
-    line += f'  raw pixels: {100 * pixels:.2f}%  chance: {100 / ev.num_classes:.2f}%'
+    pixels = dict(ev.run(pixel_features(), None))
+    line += f'  raw pixels: {100 * pixels["knn/top1"]:.2f}%'
+    if a.linear:
+      line += f' (linear {100 * pixels["knn/linear"]:.2f}%)'
+    line += f'  chance: {100 / ev.num_classes:.2f}%'
   pool = 'pre-logits' if model.pool == 'gap' else a.features
   print(
     f'{line}  ({a.dataset} {train_split} -> {eval_split}, {ev.test.total_examples} queries, '
