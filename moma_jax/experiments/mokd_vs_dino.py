@@ -153,7 +153,7 @@ def report(state: dict, env: dict) -> str:
       knn = ', '.join(
         f'{k.removeprefix("knn/").removesuffix("/top1")} {100 * v:.1f}'
         for k, v in sorted(r['knn'].items())
-        if k != RAW
+        if k != RAW and k.endswith('/top1')  # the linear probes (knn/<name>/linear) are not used
       )
       wall = f'{r["wall_s"]:.0f}' if r['wall_s'] is not None else '-'
       loss = f'{r["loss"]:.3f}' if r['loss'] is not None else '-'
