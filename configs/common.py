@@ -12,6 +12,9 @@ from ml_collections.config_dict import placeholder
 IMAGENET = dict(name='imagenet2012', train_split='train', eval_split='validation')
 # Input statistics of a randomly initialised model; a checkpoint's own metadata always wins.
 NORM = dict(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+# MoCo v3 / BYOL / DINO blur sigma range in pixels of a 224 px view (= augment.BLUR_SIGMA, not
+# imported: configs load without TensorFlow).
+IMAGENET_BLUR_SIGMA = (0.1, 2.0)
 
 
 def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
@@ -195,13 +198,27 @@ def moma_config(name: str, args: ml_collections.ConfigDict) -> ml_collections.Co
 
 
 def runlocal_data(c: ml_collections.ConfigDict) -> None:
-  """The embedded digits_m dataset at 32 px, for every runlocal variant."""
+  """The embedded digits_m dataset at 32 px, for every runlocal variant.
+
+  Views are scaled to the data by :func:`digits_views`.
+  """
   c.data.name = 'digits_m'
   c.data.train_split, c.data.eval_split = 'train', 'test'
   c.data.image_size = 32
   c.data.eval_resize_ratio = 1.0
   for v in c.data.views.values():
     v.size = 32
+  digits_views(c.data.views)
+
+
+def digits_views(views: ml_collections.ConfigDict) -> None:
+  """Augmentations scaled to digits_m's views, in place: no horizontal flips (digits are not
+  mirror-symmetric: a supervised mu/4 at the runlocal budget gets 31.0% top-1 with flips, 37.8%
+  without, same crops) and the blur's sigma range scaled from 224 px to each view's size (2 px
+  would erase the 2-3 px strokes of a 32 px digit)."""
+  for v in views.values():
+    v.flip = False
+    v.blur_sigma = tuple(s * v.size / 224 for s in IMAGENET_BLUR_SIGMA)
 
 
 def runlocal(c: ml_collections.ConfigDict) -> None:

@@ -90,6 +90,7 @@ def runlocal(c, arch: str) -> None:
   )  # fmt: skip
   scales = ((0.4, 1.0), (0.1, 0.4))
   c.data.views = multicrop_views(32, 16, 4, *scales)
+  common.digits_views(c.data.views)
   c.batch_size = 64
   c.num_train_steps = 300
   # The same optimizers as the two models of configs/mokd.py:runlocal (DINO alone vs MOKD).

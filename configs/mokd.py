@@ -70,6 +70,7 @@ def runlocal(c, args) -> None:
     warmup_teacher_temp_epochs_cnn=5, warmup_teacher_temp_epochs_vit=3, momentum=0.99,
   )  # fmt: skip
   c.data.views = multicrop_views(32, 16, 4, (0.4, 1.0), (0.1, 0.4))
+  common.digits_views(c.data.views)
   c.batch_size = 64
   c.num_train_steps = 300
   c.optim_cnn.update(base_lr=0.3, min_lr=1e-3, warmup_steps=30)

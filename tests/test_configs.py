@@ -23,6 +23,14 @@ def test_config_builds_full_and_runlocal(name):
   full, local = module.get_config(), module.get_config('runlocal')
   assert full.data.image_size == 224 and local.data.name == 'digits_m'
   assert local.batch_size <= 128 and local.num_train_steps <= 600
+  # ImageNet views flip and blur with MoCo v3's sigmas; digits_m's views are scaled to the digits
+  from moma_jax.data import augment
+
+  for v in local.data.views.values():
+    assert v.flip is False
+    assert v.blur_sigma == pytest.approx(tuple(s * v.size / 224 for s in augment.BLUR_SIGMA))
+  for v in full.data.views.values():
+    assert v.get('flip', True) and v.get('blur_sigma', augment.BLUR_SIGMA) == augment.BLUR_SIGMA
 
 
 def test_paper_defaults():

@@ -8,8 +8,11 @@ released checkpoint. Regenerate all of them (about 13 minutes on 2 CPU cores) wi
 
   python -m moma_jax.experiments.teachers --out teachers
 
-which also rewrites ``teachers/SHA256SUMS``. On the machine that made them the command reproduces the
-files bit for bit; another CPU model may give slightly different bits (and hashes).
+which also rewrites ``teachers/SHA256SUMS``. On the machine that made them the command reproduced the
+files bit for bit; another CPU model may give slightly different bits (and hashes). The shipped
+files predate the runlocal views' scaling to digits (``configs/common.digits_views``: no flips,
+blur sigma scaled to 32 px): they were trained with flips and 224 px blur sigmas, so the command
+now makes different (not yet re-shipped) teachers; re-training them is part of issue 17.
 """
 
 from __future__ import annotations
