@@ -150,3 +150,24 @@ def test_evaluator_reports_the_linear_probe_next_to_the_knn():
     mesh=mesh, data_axes=data_axes, resize_ratio=1.0, linear=False, max_train_examples=256,
   )  # fmt: skip
   assert [k for k, _ in no_linear.run(features, w, 'knn/x')] == ['knn/x/top1']
+
+
+def test_classes_absent_from_the_train_rows_are_never_predicted():
+  """As in scikit-learn, only the classes seen in training get weights: a 1000-class dataset's
+  probe on a bank holding 3 of them fits 3 columns (cheap) and equals scikit-learn's."""
+  from sklearn.linear_model import LogisticRegression
+  from sklearn.preprocessing import StandardScaler
+
+  train_f, train_y, test_f, _ = _digits_features()
+  keep = np.isin(train_y, (2, 5, 7))
+  train_f, train_y = train_f[keep][:300], (train_y[keep][:300] * 100).astype(np.int32)
+  mesh, axes = _mesh()
+  bank = knn.bank_from_arrays(train_f, train_y, mesh=mesh, data_axes=axes)
+  probe = linear.fit(bank.features, bank.labels, bank.valid, bank.norms, num_classes=1000)
+  assert probe.w.shape == (DIM, 1000) and np.isfinite(np.asarray(probe.b)).sum() == 3
+  test = knn.bank_from_arrays(test_f, np.zeros(len(test_f), np.int32), mesh=mesh, data_axes=axes)
+  pred = np.asarray(linear.predict(probe, test.features, test.norms))[: len(test_f)].argmax(1)
+  assert set(pred) <= {200, 500, 700}
+  scaler = StandardScaler().fit(train_f)
+  clf = LogisticRegression(C=1.0, max_iter=2000).fit(scaler.transform(train_f), train_y)
+  assert (pred == clf.predict(scaler.transform(test_f))).mean() >= 0.95
