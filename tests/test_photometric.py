@@ -44,8 +44,7 @@ def test_brightness_contrast_saturation_follow_torchvision_blends():
   np.testing.assert_allclose(
     photometric.saturation(x, 1.2), np.clip((x - g) * 1.2 + g, 0, 1), atol=1e-6
   )
-  # tf.image's saturation works in HSV; at factor 0 both give the luma image's grey levels
-  # only approximately, so the check against it is the grayscale op itself:
+  # the luma itself against tf.image (its adjust_saturation works in HSV: a different op)
   np.testing.assert_allclose(
     photometric.grayscale(x), tf.image.rgb_to_grayscale(x).numpy(), atol=1e-6
   )
@@ -113,10 +112,10 @@ def test_a_function_of_each_example_seed_only_any_order_any_sharding():
 def test_pipeline_hands_geometry_and_seeds_to_the_device():
   src = sources.open_split('digits_m', 'train')
   views = {'a': moco_strong_view(32, blur_prob=1.0, solarize_prob=0.0)}
-  plain = dict(views={'a': ViewSpec(size=32, scale=views['a'].scale)})
+  plain = {'a': ViewSpec(size=32, scale=views['a'].scale)}  # the same geometry, nothing else
   on_device = next(pipeline.train_iterator(src, views, batch_size=8, seed=4,
                                            device_photometric=True))  # fmt: skip
-  geometry_only = next(pipeline.train_iterator(src, plain['views'], batch_size=8, seed=4))
+  geometry_only = next(pipeline.train_iterator(src, plain, batch_size=8, seed=4))
   # the host did the crop and flip exactly as without photometric ops, and nothing else
   np.testing.assert_array_equal(on_device['a'], geometry_only['a'])
   seeds = on_device[photometric.AUG_SEED]
