@@ -437,10 +437,7 @@ def train_and_evaluate(
   data_axes = sharding.data_axes(mesh)
   per_host_batch = device.check_batch_size(config.batch_size, mesh, data_axes)
   views = pipeline.views_from_config(config.data.views)
-  if config.data.get('photometric', 'auto') not in ('auto', 'device', 'host'):
-    raise ValueError(
-      f"data.photometric must be 'auto', 'device' or 'host', not {config.data.photometric!r}"
-    )
+  on_device = photometric.on_device(config.data.get('photometric', 'auto'))  # checked early
   train_src = sources.open_split(
     config.data.name, config.data.train_split, data_dir=config.data.data_dir,
     manual_dir=config.data.manual_dir,
@@ -523,7 +520,6 @@ def train_and_evaluate(
   # 4. The loop.
   batch_sharding = device.batch_sharding(mesh, data_axes)
   used_views = {k: views[k] for k in objective.required_views()}
-  on_device = photometric.on_device(config.data.get('photometric', 'auto'))
   augment = photometric.make_batch_fn(used_views) if on_device else None
   train_iter = pipeline.train_iterator(
     train_src, used_views, batch_size=per_host_batch, seed=config.seed, start_index=start_index,

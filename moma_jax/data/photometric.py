@@ -151,6 +151,8 @@ def on_device(where: str) -> bool:
   device on GPU / TPU; on CPU backends the host's tf.data ops, one image per thread, are the
   cheaper of the two: ~0.4 ms per 32 px image here for the vmapped version, which evaluates all
   four jitter operations at each of the four positions of the random order)."""
+  if where not in ('auto', 'device', 'host'):
+    raise ValueError(f"data.photometric must be 'auto', 'device' or 'host', not {where!r}")
   if where == 'auto':
     return jax.default_backend() != 'cpu'
   return where == 'device'

@@ -188,10 +188,14 @@ def fit(
   Two jitted programs (statistics; L-BFGS) and, with ``precondition``, the D x D factorisation
   on the host in between.
   """
+  # The labels of the valid rows, once on the host: they give both decisions below.
+  valid_labels = _to_host(labels)[_to_host(valid)]
+  if len(valid_labels) == 0:
+    raise ValueError('linear probe: no valid train rows')
   # Preconditioning costs D^2 per class and evaluation against the data's N D: only worth it
   # with more valid rows than dimensions (a small bank of wide features, e.g. 24 ViT-B rows,
   # spent minutes reading a 1536 x 1536 matrix at every L-BFGS evaluation).
-  precondition = precondition and int(jnp.sum(valid)) > features.shape[1]
+  precondition = precondition and len(valid_labels) > features.shape[1]
   n, mean, scale, gram = _statistics(
     features, valid, row_scale, gram=precondition, precision=precision
   )
@@ -199,9 +203,7 @@ def fit(
   # Only the classes present in the train rows get weights, as in scikit-learn (a class never
   # seen can never be predicted): the others get logit -inf. Besides matching the reference, this
   # keeps a probe on a small bank of a 1000-class dataset from fitting 1000 columns.
-  present = np.unique(_to_host(labels)[_to_host(valid)])
-  if len(present) == 0:
-    raise ValueError('linear probe: no valid train rows')
+  present = np.unique(valid_labels)
   lut = np.zeros(num_classes, np.int32)
   lut[present] = np.arange(len(present), dtype=np.int32)
   probe = _lbfgs(
