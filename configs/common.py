@@ -114,7 +114,7 @@ def knn_evaluator(**overrides: Any) -> ml_collections.ConfigDict:
     features='cls+mean',
     # also a linear probe on the same features, reported as knn/<...>/linear next to the k-NN's
     # top1: logistic regression (scikit-learn's C = 1) on standardised features, fitted on device
-    # with L-BFGS (moma_jax/evaluators/linear.py); digits_m on CPU: < 1 s at 256-d, ~8 s raw pixels
+    # with L-BFGS (moma_jax/evaluators/linear.py); digits on CPU: < 1 s at 256-d, ~8 s raw pixels
     linear=True,
   )  # fmt: skip
   e.update(overrides)
@@ -198,11 +198,11 @@ def moma_config(name: str, args: ml_collections.ConfigDict) -> ml_collections.Co
 
 
 def runlocal_data(c: ml_collections.ConfigDict) -> None:
-  """The embedded digits_m dataset at 32 px, for every runlocal variant.
+  """The embedded digits dataset at 32 px, for every runlocal variant.
 
   Views are scaled to the data by :func:`digits_views`.
   """
-  c.data.name = 'digits_m'
+  c.data.name = 'digits'
   c.data.train_split, c.data.eval_split = 'train', 'test'
   c.data.image_size = 32
   c.data.eval_resize_ratio = 1.0
@@ -212,7 +212,7 @@ def runlocal_data(c: ml_collections.ConfigDict) -> None:
 
 
 def digits_views(views: ml_collections.ConfigDict) -> None:
-  """Augmentations scaled to digits_m's views, in place: no horizontal flips (digits are not
+  """Augmentations scaled to the embedded digits, in place: no horizontal flips (digits are not
   mirror-symmetric: a supervised mu/4 at the runlocal budget gets 31.0% top-1 with flips, 37.8%
   without, same crops) and the blur's sigma range scaled from 224 px to each view's size (2 px
   would erase the 2-3 px strokes of a 32 px digit)."""
@@ -222,7 +222,7 @@ def digits_views(views: ml_collections.ConfigDict) -> None:
 
 
 def runlocal(c: ml_collections.ConfigDict) -> None:
-  """Shrinks a MOMA config to a few minutes on a 2-core CPU with the embedded digits_m dataset."""
+  """Shrinks a MOMA config to a few minutes on a 2-core CPU with the embedded digits dataset."""
   runlocal_data(c)
   if 'student' in c:
     c.student.variant = 'mu/4'
@@ -267,7 +267,7 @@ def classification_config(name: str, args: ml_collections.ConfigDict) -> ml_coll
 
 
 def runlocal_classification(c: ml_collections.ConfigDict) -> None:
-  """runlocal for classification configs: digits_m, a tiny ViT, a couple of minutes.
+  """runlocal for classification configs: digits, a tiny ViT, a couple of minutes.
 
   A light recipe (no mixup / cutmix / RandAugment / erasing / drop path, crops of at least half
   the image): a 2-block ViT cannot learn through MAE's heavy regularisation in a few hundred steps.
@@ -313,7 +313,7 @@ def pretrain_config(
 
 
 def runlocal_pretrain(c: ml_collections.ConfigDict) -> None:
-  """runlocal for pre-training configs: digits_m, ViT mu/4, a tiny decoder, a few minutes."""
+  """runlocal for pre-training configs: digits, ViT mu/4, a tiny decoder, a few minutes."""
   runlocal_data(c)
   c.model.update(variant='mu/4', decoder_width=64, decoder_depth=1, decoder_heads=4)
   c.batch_size = 64

@@ -14,7 +14,7 @@ constant 0.04), student 0.1, center momentum 0.9; 2 global crops 224 px (scale 0
 0.1, solarise 0 / 0.2) and 8 local crops 96 px (scale 0.05-0.4, blur 0.5), colour jitter
 (0.4, 0.4, 0.2, 0.1) p 0.8, grayscale 0.2, flip. ResNet-50 (arch=resnet50): SGD lr 0.03,
 weight decay 1e-4 constant, global crops scale 0.14-1, local 0.05-0.14 (DINO README).
-runlocal: 2 x 32 px + 4 x 16 px crops of digits_m, a tiny ViT (mu/4) or ResNet (resnet_mu),
+runlocal: 2 x 32 px + 4 x 16 px crops of digits, a tiny ViT (mu/4) or ResNet (resnet_mu),
 256 prototypes, 300 steps (ViT about 3 min, ResNet about 6 min on 2 CPU cores).
 """
 
@@ -80,7 +80,7 @@ def get_config(arg: str | None = None):
 
 
 def runlocal(c, arch: str) -> None:
-  """digits_m at 32 px: 2 global crops of 32 px, 4 local crops of 16 px; tiny heads."""
+  """digits at 32 px: 2 global crops of 32 px, 4 local crops of 16 px; tiny heads."""
   common.runlocal_data(c)
   c.model.arch = arch
   c.model.drop_path = 0.0

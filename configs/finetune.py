@@ -1,6 +1,6 @@
 r"""End-to-end fine-tuning of any checkpoint the project produces or converts (MAE recipe).
 
-  python main.py --config=configs/finetune.py:runlocal --workdir=/tmp/ft        # digits_m, scratch
+  python main.py --config=configs/finetune.py:runlocal --workdir=/tmp/ft        # digits, scratch
   python main.py --config=configs/finetune.py:checkpoint=WORKDIR/export/model --workdir=$WD \
     --config.data.data_dir=gs://BUCKET/tfds                                       # ViT-B, MAE recipe
   python main.py --config=configs/finetune.py:checkpoint=DIR,size=L --workdir=$WD  # ViT-L recipe

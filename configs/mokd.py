@@ -13,7 +13,7 @@ CNN head with a normalised last layer, ViT head without; teacher temperature 0.0
 (CNN self terms) / 30 (the rest) epochs, student 0.1; search heads: 3 blocks, 384 wide, 6 heads;
 lambda_c 1.0, lambda_t 0.1; 2 global crops 224 px (scale 0.25-1), 8 local 96 px (0.05-0.25).
 k-NN of both teachers (ViT: knn/model, CNN: knn/teacher_cnn) next to the raw-pixel floor.
-runlocal: digits_m, 2 x 32 px + 4 x 16 px crops, ResNet resnet_mu + ViT mu/4, 256 prototypes,
+runlocal: digits, 2 x 32 px + 4 x 16 px crops, ResNet resnet_mu + ViT mu/4, 256 prototypes,
 search heads 64 wide with 1 block, 300 steps.
 """
 

@@ -15,6 +15,7 @@ from typing import Any
 import ml_collections
 
 from moma_jax import storage
+from moma_jax.data.embedded import NAMES as EMBEDDED
 from moma_jax.models import variants
 
 KNOWN_OBJECTIVES = ('moma', 'classification', 'mae', 'mocov3', 'dmae', 'rc_mae', 'dino', 'mokd')
@@ -150,8 +151,8 @@ def _check_optim(o: ml_collections.ConfigDict) -> None:
 
 
 def _check_split(dataset: str, setting: str, split: str) -> None:
-  if dataset == 'digits_m' and split not in EMBEDDED_SPLITS:
-    _fail(setting, split, f'digits_m has splits {", ".join(EMBEDDED_SPLITS)}')
+  if dataset in EMBEDDED and split not in EMBEDDED_SPLITS:
+    _fail(setting, split, f'{dataset} has splits {", ".join(EMBEDDED_SPLITS)}')
 
 
 def _check_data(c: ml_collections.ConfigDict) -> None:
@@ -168,7 +169,7 @@ def _check_data(c: ml_collections.ConfigDict) -> None:
       )
     if not root.is_dir():
       _fail('data.name', name, 'is a file; folder: needs a directory with one sub-folder per class')
-  elif name != 'digits_m':
+  elif name not in EMBEDDED:
     local = {
       k: d.get(k) for k in ('data_dir', 'manual_dir') if d.get(k) and not storage.is_remote(d[k])
     }

@@ -81,7 +81,7 @@ CASES = [
     2,
     "unknown dataset 'no_such_dataset'",
   ),
-  ('digits-split', [M2M, '--config.data.train_split=validation'], 2, 'digits_m has splits'),
+  ('digits-split', [M2M, '--config.data.train_split=validation'], 2, 'digits has splits'),
   (
     'view-scale',
     [M2M, '--config.data.views.teacher.scale=(0.5,0.2)'],

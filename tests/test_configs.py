@@ -21,7 +21,7 @@ def test_config_builds_full_and_runlocal(name):
   module = importlib.import_module(f'configs.{name}')
   assert 'python main.py --config=configs/' in module.__doc__  # the run command is documented
   full, local = module.get_config(), module.get_config('runlocal')
-  assert full.data.image_size == 224 and local.data.name == 'digits_m'
+  assert full.data.image_size == 224 and local.data.name == 'digits'
   assert local.batch_size <= 128 and local.num_train_steps <= 600
   # ImageNet views flip and blur with MoCo v3's sigmas; digits_m's views are scaled to the digits
   from moma_jax.data import augment

@@ -71,18 +71,24 @@ def _views(size=32, **kw):
 # --- embedded dataset ------------------------------------------------------------------------------
 
 
-def test_embedded_dataset_is_deterministic_and_hard_for_raw_pixels():
+@pytest.mark.parametrize(
+  'name, lo, hi',
+  # Raw-pixel k-NN measured: digits 0.85 (centred digits: pixels are a strong k-NN baseline; the
+  # random positions keep their linear probe at ~0.37), digits_m 0.35 (the photo backgrounds).
+  [('digits', 0.75, 0.95), ('digits_m', 0.25, 0.45)],
+)
+def test_embedded_datasets_are_deterministic_with_the_measured_pixel_baseline(name, lo, hi):
   from sklearn.neighbors import KNeighborsClassifier
 
-  xtr, ytr = embedded.load('train')
-  xte, yte = embedded.load('test')
+  xtr, ytr = embedded.load('train', name)
+  xte, yte = embedded.load('test', name)
   assert xtr.shape == (5748, 32, 32, 3) and xte.shape == (720, 32, 32, 3)
   assert xtr.dtype == np.uint8 and set(np.unique(ytr)) == set(range(10))
   embedded.load.cache_clear()
-  np.testing.assert_array_equal(embedded.load('test')[0], xte)
+  np.testing.assert_array_equal(embedded.load('test', name)[0], xte)
   knn = KNeighborsClassifier(n_neighbors=20, metric='cosine').fit(xtr.reshape(len(xtr), -1), ytr)
   acc = (knn.predict(xte.reshape(len(xte), -1)) == yte).mean()
-  assert 0.25 < acc < 0.45, acc  # far below the ceiling, well above chance (0.1)
+  assert lo < acc < hi, acc
 
 
 # --- sources and views -----------------------------------------------------------------------------

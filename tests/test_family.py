@@ -184,6 +184,9 @@ def test_runlocal_learns(tmp_path, name):
   config = _config(name)
   if name == 'mocov3_pretrain':  # the accelerators' path on CPU: photometric ops in the step
     config.data.photometric = 'device'
+    # digits_m: its photo backgrounds make instances easy to tell apart, so 60 steps of the
+    # instance task show a clear drop (on the runlocal digits: 3.46 -> 3.26, chance 3.31).
+    config.data.name = 'digits_m'
   train.train_and_evaluate(config, str(tmp_path))
   hist = json.load(open(tmp_path / 'final_metrics.json'))['history']
   first, last = hist[0]['loss'], np.mean([h['loss'] for h in hist[-2:]])

@@ -115,7 +115,7 @@ def test_main_runlocal_end_to_end(tmp_path):
   block = r.stdout[r.stdout.index('moco_to_mae: 300/300 steps') :]
   pct = r' +\d+\.\d%'
   for pattern in (  # k-NN and linear-probe columns
-    r'k-NN \(k 20, T 0\.07\) and linear-probe top-1 on digits_m',
+    r'k-NN \(k 20, T 0\.07\) and linear-probe top-1 on digits/test',
     rf'student \(before -> after\){pct} ->{pct}{pct} ->{pct}$',
     rf'teacher moco{pct}{pct}$', rf'random-init student{pct}{pct}$', rf'raw pixels{pct}{pct}$',
     r'chance +10\.0% +10\.0%$',

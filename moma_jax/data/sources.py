@@ -1,4 +1,4 @@
-"""Where examples come from: tfds datasets, a local image folder, the embedded 'digits_m'.
+"""Where examples come from: tfds datasets, a local image folder, the embedded digits.
 
 A source opens one split for this process and gives two ways in, both *undecoded*
 ({'image': encoded bytes (tf.string) or uint8 [H, W, 3], 'label': int64}; decoding happens in the
@@ -16,7 +16,7 @@ pipeline, fused with the crop):
                   evaluation: the processes' parts are disjoint and cover the split.
 
 How each source does random access:
-  digits_m              the embedded offline dataset (moma_jax.data.embedded), in memory
+  digits, digits_m      the embedded offline datasets (moma_jax.data.embedded), in memory
   folder:/path/to/dir   class sub-folders of images, a lookup reads one file; DIR/<split>/<class>/*
                         if DIR/<split> exists, else DIR/<class>/* is the 'train' split
   anything else         a tfds dataset name (imagenet2012, cifar10, imagenette/320px-v2, ...),
@@ -37,6 +37,8 @@ from collections.abc import Callable
 
 import numpy as np
 import tensorflow as tf
+
+from moma_jax.data.embedded import NAMES as EMBEDDED
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp')
 
@@ -106,17 +108,17 @@ def _gather(columns: dict[str, np.ndarray]) -> Lookup:
   return lookup
 
 
-def _embedded(split: str, process_index: int, process_count: int) -> HostSplit:
+def _embedded(name: str, split: str, process_index: int, process_count: int) -> HostSplit:
   from moma_jax.data import embedded
 
   if split not in ('train', 'test'):
-    raise DataError(f"digits_m has splits 'train' and 'test', not {split!r}")
-  images, labels = embedded.load(split)
+    raise DataError(f"{name} has splits 'train' and 'test', not {split!r}")
+  images, labels = embedded.load(split, name)
   lookup = _gather({'image': images, 'label': labels.astype(np.int64)})
   lo, hi = _host_range(len(labels), process_index, process_count)
   ds = _part(tf.data.Dataset.range(lo, hi), lookup)
   return HostSplit(
-    ds, hi - lo, len(labels), embedded.NUM_CLASSES, f'digits_m/{split}', lookup,
+    ds, hi - lo, len(labels), embedded.NUM_CLASSES, f'{name}/{split}', lookup,
     process_index=process_index, process_count=process_count,
   )  # fmt: skip
 
@@ -221,7 +223,7 @@ def _tfds(
     builder = tfds.builder(name, data_dir=data_dir)
   except tfds.core.registered.DatasetNotFoundError:
     raise DataError(
-      f'unknown dataset {name!r}: not a tfds dataset, nor digits_m, nor folder:/path'
+      f'unknown dataset {name!r}: not a tfds dataset, nor digits / digits_m, nor folder:/path'
     ) from None
   if not builder.is_prepared():
     if manual_dir:  # ArrayRecord, so that training can read it in any order
@@ -290,8 +292,8 @@ def open_split(
     import jax
 
     process_index, process_count = jax.process_index(), jax.process_count()
-  if name == 'digits_m':
-    return _embedded(split, process_index, process_count)
+  if name in EMBEDDED:
+    return _embedded(name, split, process_index, process_count)
   if name.startswith('folder:'):
     return _folder(name[len('folder:') :], split, process_index, process_count)
   return _tfds(name, split, data_dir, manual_dir, process_index, process_count)

@@ -52,6 +52,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from moma_jax.data import device, pipeline, sources
 from moma_jax.data.augment import ViewSpec
+from moma_jax.data.embedded import NAMES as EMBEDDED
 from moma_jax.data.mixing import normalize
 from moma_jax.evaluators import linear as linear_probe
 from moma_jax.models.pretrained import IMAGENET_MEAN, IMAGENET_STD
@@ -522,10 +523,11 @@ class KnnEvaluator:
 
 
 def default_splits(dataset: str, data_dir: str | None = None) -> tuple[str, str, float]:
-  """(train split, eval split, resize ratio) for a dataset name: digits_m train/test at 1.0; an
-  image folder's val / validation / test sub-folder; a tfds dataset's 'validation' split if it
-  has one, else 'test' (both at the usual 256/224 resize before the center crop)."""
-  if dataset == 'digits_m':
+  """(train split, eval split, resize ratio) for a dataset name: the embedded digits / digits_m
+  train/test at 1.0; an image folder's val / validation / test sub-folder; a tfds dataset's
+  'validation' split if it has one, else 'test' (both at the usual 256/224 resize before the
+  center crop)."""
+  if dataset in EMBEDDED:
     return 'train', 'test', 1.0
   if dataset.startswith('folder:'):
     root = dataset[len('folder:') :]
@@ -556,7 +558,9 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument(
     '--checkpoint', required=True, help='converted directory, or a PyTorch .pth / .pth.tar'
   )
-  p.add_argument('--dataset', default='imagenet2012', help='digits_m, folder:/path or a tfds name')
+  p.add_argument(
+    '--dataset', default='imagenet2012', help='digits, digits_m, folder:/path or a tfds name'
+  )
   p.add_argument('--data_dir', default=None)
   p.add_argument('--train_split', default=None, help="default: 'train'")
   p.add_argument(
@@ -568,7 +572,10 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument('--temperature', type=float, default=0.07)
   p.add_argument('--max_train', type=int, default=0, help='cap on the memory bank (0: all)')
   p.add_argument(
-    '--resize_ratio', type=float, default=None, help='default: 1 for digits_m, else 256/224'
+    '--resize_ratio',
+    type=float,
+    default=None,
+    help='default: 1 for digits / digits_m, else 256/224',
   )
   p.add_argument('--linear', action=argparse.BooleanOptionalAction, default=True,
                  help='also a linear probe on the same features')  # fmt: skip

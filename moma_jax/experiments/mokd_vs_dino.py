@@ -1,6 +1,6 @@
 r"""MOKD's claim at runlocal size: each model of the MOKD pair (ViT mu/4 + ResNet resnet_mu) after
 co-training, against the same model trained alone with DINO for the same budget (same steps, batch,
-crops, data and per-model optimizer), on digits_m.
+crops, data and per-model optimizer), on the embedded digits.
 
   python -m moma_jax.experiments.mokd_vs_dino --workdir=/tmp/mokd_vs_dino   # seeds 0 1 2 (~1 h)
   python -m moma_jax.experiments.mokd_vs_dino --workdir=/tmp/mvd --seeds 0 --steps 4   # smoke test
@@ -51,7 +51,7 @@ MODELS = (
 )
 BEFORE = 'knn/model_before/top1'  # the run's model at step 0 (MOKD: the ViT; DINO: its backbone)
 RAW = 'knn/raw_pixels/top1'
-CHANCE = 0.1  # digits_m: 10 classes
+CHANCE = 0.1  # digits: 10 classes
 
 
 def command(key: str, seed: int, rundir: str, steps: int) -> list[str]:
@@ -118,7 +118,7 @@ def report(state: dict, env: dict) -> str:
   lines = [
     '<!-- written by python -m moma_jax.experiments.mokd_vs_dino -->',
     f'Command: `{env["command"]}`  ',
-    f'{state["steps"]} steps x batch 64 per run, digits_m (5,748 train / 720 test, 32 px); '
+    f'{state["steps"]} steps x batch 64 per run, digits (5,748 train / 720 test, 32 px); '
     f'jax {env["jax"]}, {env["machine"]}.',
     '',
     'k-NN top-1 % on the test split (k 20, T 0.07), mean ± sample std over seeds '

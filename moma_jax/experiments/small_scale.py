@@ -1,4 +1,4 @@
-r"""Offline small-scale replication of the MOMA paper's ablations on the embedded digits_m dataset.
+r"""Offline small-scale replication of the MOMA paper's ablations on the embedded digits dataset.
 
   python -m moma_jax.experiments.small_scale --workdir=/tmp/small_scale       # ~20 min, 2 CPU cores
   python -m moma_jax.experiments.small_scale --workdir=/tmp/ss --tables t2 --seeds 1 --steps 20
@@ -161,14 +161,27 @@ def probe(train_f, train_y, test_f, test_y) -> dict[str, float]:
   }
 
 
-def evaluate_checkpoint(path: str) -> dict[str, float]:
-  from moma_jax.builders import load_checkpoint
+def evaluate_encoder(model, variables) -> dict[str, float]:
+  """k-NN and linear probe of an encoder on the embedded digits (train -> test)."""
   from moma_jax.data import embedded
 
-  loaded = load_checkpoint(path)
   (tr_x, tr_y), (te_x, te_y) = embedded.load('train'), embedded.load('test')
-  feats = [token_features(loaded.model, loaded.params, x) for x in (tr_x, te_x)]
+  feats = [token_features(model, variables, x) for x in (tr_x, te_x)]
   return probe(feats[0], tr_y, feats[1], te_y)
+
+
+def evaluate_checkpoint(path: str) -> dict[str, float]:
+  from moma_jax.builders import load_checkpoint
+
+  loaded = load_checkpoint(path)
+  return evaluate_encoder(loaded.model, loaded.params)
+
+
+def evaluate_random_init(variant: str, seed: int = 0) -> dict[str, float]:
+  """The floor of a trained encoder: the same architecture randomly initialised, same evaluation."""
+  from moma_jax.builders import _random_teacher
+
+  return evaluate_encoder(*_random_teacher(variant, 32, 'float32', jax.random.key(seed)))
 
 
 def raw_pixels() -> dict[str, float]:

@@ -1,18 +1,18 @@
 r"""The tiny self-supervised teachers shipped in ``teachers/``: how they are made and found.
 
-Each is pre-trained on the embedded digits_m dataset (32 px, patch 4) with the project's own
+Each is pre-trained on the embedded digits dataset (32 px, patch 4) with the project's own
 ``configs/mae_pretrain.py`` / ``configs/mocov3_pretrain.py`` (runlocal recipe, longer), exported by
 the trainer in the official PyTorch format (MAE ``{'model': ...}`` with the decoder, MoCo v3
 ``.pth.tar`` with momentum encoder and heads), and loaded back through ``convert/`` like any
-released checkpoint. Regenerate all of them (about 13 minutes on 2 CPU cores) with
+released checkpoint. Regenerate all of them (about 30 CPU-minutes on 2 cores; two processes with
+``--only`` halve the wall time) with
 
   python -m moma_jax.experiments.teachers --out teachers
 
 which also rewrites ``teachers/SHA256SUMS``. On the machine that made them the command reproduced the
-files bit for bit; another CPU model may give slightly different bits (and hashes). The shipped
-files predate the runlocal views' scaling to digits (``configs/common.digits_views``: no flips,
-blur sigma scaled to 32 px): they were trained with flips and 224 px blur sigmas, so the command
-now makes different (not yet re-shipped) teachers; re-training them is part of issue 17.
+files bit for bit; another CPU model may give slightly different bits (and hashes). How good they
+are (k-NN and linear probe against a randomly initialised encoder of the same size) is in
+docs/results.md.
 """
 
 from __future__ import annotations
@@ -45,8 +45,8 @@ class Recipe:
 RECIPES = {
   'mae_mu': Recipe('mae_pretrain', 'mu/4', 1200, 'mae_mu4_digits.pth'),
   'mae_milli': Recipe('mae_pretrain', 'milli/4', 1200, 'mae_milli4_digits.pth'),
-  'mocov3_mu': Recipe('mocov3_pretrain', 'mu/4', 800, 'mocov3_mu4_digits.pth.tar'),
-  'mocov3_pico': Recipe('mocov3_pretrain', 'pico/4', 800, 'mocov3_pico4_digits.pth.tar'),
+  'mocov3_mu': Recipe('mocov3_pretrain', 'mu/4', 1000, 'mocov3_mu4_digits.pth.tar'),
+  'mocov3_pico': Recipe('mocov3_pretrain', 'pico/4', 1000, 'mocov3_pico4_digits.pth.tar'),
 }
 BATCH = 128
 
