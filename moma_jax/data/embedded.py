@@ -3,8 +3,8 @@
 'digits' (the runlocal default): scikit-learn's 8x8 digits upscaled to 18-28 px, rotated up to
 +-15 degrees, placed within +-4 px of the centre, white on a black background with Gaussian pixel
 noise. Chosen for issue 17 by measurement (docs/results.md): raw pixels are a strong k-NN baseline on
-digits (~86%) but a weak linear one (~37%: the random positions); a randomly initialised ViT mu/4
-gets ~30% k-NN / ~61% linear on [CLS, mean] features; 1,000 steps of MoCo v3 or MAE on 2 CPU cores
+digits (88%) but a weak linear one (37%: the random positions); a randomly initialised ViT mu/4
+gets 31-34% k-NN / 60-64% linear on [CLS, mean] features; 1,000 steps of MoCo v3 or MAE on 2 CPU cores
 learn features well above random init. Digits on per-image backgrounds (digits_m) or in random
 colours were rejected: self-supervision at this budget learns the background or the colour.
 
