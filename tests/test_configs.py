@@ -23,7 +23,7 @@ def test_config_builds_full_and_runlocal(name):
   full, local = module.get_config(), module.get_config('runlocal')
   assert full.data.image_size == 224 and local.data.name == 'digits'
   assert local.batch_size <= 128 and local.num_train_steps <= 600
-  # ImageNet views flip and blur with MoCo v3's sigmas; digits_m's views are scaled to the digits
+  # ImageNet views flip and blur with MoCo v3's sigmas; the digits' views are scaled to the digits
   from moma_jax.data import augment
 
   for v in local.data.views.values():

@@ -185,7 +185,7 @@ def test_awkward_images_decode_to_rgb(folder, name):
 
 
 def test_views_shapes_ranges_and_shared_geometry():
-  src = sources.open_split('digits_m', 'train', process_index=0, process_count=1)
+  src = sources.open_split('digits', 'train', process_index=0, process_count=1)
   views = {
     'a': ViewSpec(size=32),
     'b': ViewSpec(size=32, share_crop_with='a'),  # same crop and flip, no photometric aug
@@ -246,7 +246,7 @@ def test_blur_sigma_per_view():
 
 
 def test_deterministic_for_a_seed():
-  src = sources.open_split('digits_m', 'train', process_index=0, process_count=1)
+  src = sources.open_split('digits', 'train', process_index=0, process_count=1)
   views = {'v': augment.moco_strong_view(32, blur_prob=1.0, solarize_prob=0.2)}
   a = _take(pipeline.train_iterator(src, views, batch_size=16, seed=7), 3)
   b = _take(pipeline.train_iterator(src, views, batch_size=16, seed=7), 3)
@@ -382,7 +382,7 @@ def test_two_real_processes_read_disjoint_examples(tmp_path):
     jax.distributed.initialize('127.0.0.1:' + sys.argv[2], num_processes=2, process_id=pid)
     from moma_jax.data import sources, pipeline
     from moma_jax.data.augment import ViewSpec
-    src = sources.open_split('digits_m', 'test')
+    src = sources.open_split('digits', 'test')
     it = pipeline.eval_iterator(src, {{'v': ViewSpec(size=32, crop='center')}}, batch_size=64,
                                 process_count=jax.process_count())
     with open(sys.argv[3], 'w') as f:
@@ -413,7 +413,7 @@ def test_eval_sees_every_example_exactly_once_with_padding():
   expected = sorted(_h(x) for x in xte)
   got = []
   for p in range(3):  # 720 examples over 3 hosts, batch 50 -> 5 batches each, last one padded
-    src = sources.open_split('digits_m', 'test', process_index=p, process_count=3)
+    src = sources.open_split('digits', 'test', process_index=p, process_count=3)
     batches = list(pipeline.eval_iterator(src, _views(32, crop='center', resize_ratio=1.0),
                                           batch_size=50, process_count=3))  # fmt: skip
     assert len(batches) == 5

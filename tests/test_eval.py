@@ -70,7 +70,7 @@ def test_knn_matches_brute_force():
 def test_classification_eval_counts_every_example_once_on_8_devices():
   mesh = sharding.make_mesh({'data': 8})
   ev = ClassificationEvaluator(
-    dataset='digits_m', split='test', image_size=32, batch_size=64, mesh=mesh,
+    dataset='digits', split='test', image_size=32, batch_size=64, mesh=mesh,
     data_axes=('data',), resize_ratio=1.0,
   )  # fmt: skip
   # A fixed "classifier": predicts from the mean pixel (any deterministic function will do).
@@ -106,7 +106,7 @@ def test_finetune_runlocal_learns(tmp_path):
 
   buf = io.StringIO()
   with contextlib.redirect_stdout(buf):
-    knn.main(['--checkpoint', str(tmp_path / 'export' / 'model'), '--dataset', 'digits_m',
+    knn.main(['--checkpoint', str(tmp_path / 'export' / 'model'), '--dataset', 'digits',
               '--eval_split', 'test', '--resize_ratio', '1'])  # fmt: skip
   value = float(re.search(r'knn/top1: ([\d.]+)%', buf.getvalue()).group(1))
   assert 10.0 < value <= 100.0

@@ -1,5 +1,5 @@
 """k-NN on sharded features: the on-device search against the NumPy reference, feature pooling,
-the evaluator end to end on digits_m, and the standalone command."""
+the evaluator end to end on the embedded digits, and the standalone command."""
 
 from __future__ import annotations
 
@@ -110,7 +110,7 @@ def test_evaluator_equals_the_reference_on_digits_8_devices():
   counted once (1077 train / 720 test do not divide the batch of 64)."""
   mesh, data_axes = _mesh({'data': 2, 'fsdp': 4})
   ev = knn.KnnEvaluator(  # the linear probe: tests/test_linear_probe.py
-    dataset='digits_m', train_split='train', eval_split='test', image_size=32, batch_size=64,
+    dataset='digits', train_split='train', eval_split='test', image_size=32, batch_size=64,
     mesh=mesh, data_axes=data_axes, resize_ratio=1.0, bank_block=40, linear=False,
   )  # fmt: skip
   w = jax.random.normal(jax.random.key(0), (32 * 32 * 3, 24)) / 50.0
@@ -140,16 +140,16 @@ def _percent(text, label):
 
 def _evaluator(ckpt_model, **kw):
   return knn.KnnEvaluator(
-    dataset='digits_m', train_split='train', eval_split='test', image_size=ckpt_model.image_size,
+    dataset='digits', train_split='train', eval_split='test', image_size=ckpt_model.image_size,
     batch_size=256, mesh=sharding.make_mesh({'data': -1}), data_axes=('data',), resize_ratio=1.0,
     **kw,
   )  # fmt: skip
 
 
 def test_command_on_a_pytorch_checkpoint_equals_the_trainer_evaluator():
-  code, out, err = _run_cli(['--checkpoint', PICO, '--dataset', 'digits_m'])
+  code, out, err = _run_cli(['--checkpoint', PICO, '--dataset', 'digits'])
   assert code == 0, err
-  assert out.count('\n') == 1 and 'digits_m train -> test' in out and 'cls+mean' in out
+  assert out.count('\n') == 1 and 'digits train -> test' in out and 'cls+mean' in out
   loaded = builders.load_checkpoint(PICO)
   model = loaded.model
   params = {'params': {k: v for k, v in loaded.params['params'].items() if k != 'head'}}
@@ -178,7 +178,7 @@ def test_command_reads_the_input_statistics_of_a_converted_directory(tmp_path):
     str(tmp_path / 'enc'), {'encoder': spec}, {'encoder': variables}, stats
   )
   code, out, err = _run_cli(
-    ['--checkpoint', str(tmp_path / 'enc'), '--dataset', 'digits_m', '--features', 'mean',
+    ['--checkpoint', str(tmp_path / 'enc'), '--dataset', 'digits', '--features', 'mean',
      '--no-baselines', '--max_train', '512']
   )  # fmt: skip
   assert code == 0, err
@@ -193,10 +193,10 @@ def test_command_reads_the_input_statistics_of_a_converted_directory(tmp_path):
 @pytest.mark.parametrize(
   'args,message',
   [
-    (['--checkpoint', '/nonexistent/ckpt', '--dataset', 'digits_m'], 'nonexistent'),
+    (['--checkpoint', '/nonexistent/ckpt', '--dataset', 'digits'], 'nonexistent'),
     (['--checkpoint', PICO, '--dataset', 'no_such_dataset_xyz'], 'no_such_dataset_xyz'),
-    (['--checkpoint', PICO, '--dataset', 'digits_m', '--eval_split', 'validation'], 'validation'),
-    (['--checkpoint', PICO, '--dataset', 'digits_m', '--batch_size', '100'], 'batch_size 100'),
+    (['--checkpoint', PICO, '--dataset', 'digits', '--eval_split', 'validation'], 'validation'),
+    (['--checkpoint', PICO, '--dataset', 'digits', '--batch_size', '100'], 'batch_size 100'),
   ],
 )
 def test_command_bad_input_is_one_line(args, message):
@@ -207,5 +207,5 @@ def test_command_bad_input_is_one_line(args, message):
 
 
 def test_default_splits():
-  assert knn.default_splits('digits_m') == ('train', 'test', 1.0)
+  assert knn.default_splits('digits') == ('train', 'test', 1.0)
   assert knn.default_splits('no_such_dataset_xyz')[:2] == ('train', 'validation')

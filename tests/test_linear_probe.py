@@ -1,5 +1,5 @@
 """The on-device linear probe (moma_jax/evaluators/linear.py) against scikit-learn, with padding
-rows and over 8 devices; the k-NN evaluator's linear column end to end on digits_m."""
+rows and over 8 devices; the k-NN evaluator's linear column end to end on the embedded digits."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ DIM = 128
 
 @functools.cache
 def _digits_features():
-  """A fixed random projection of digits_m's pixels: train [5748, DIM], test [720, DIM]."""
+  """A fixed random projection of the embedded digits' pixels: train [5748, DIM], test [720, DIM]."""
   (xtr, ytr), (xte, yte) = embedded.load('train'), embedded.load('test')
   w = np.random.RandomState(0).randn(32 * 32 * 3, DIM).astype(np.float32) / 50.0
 
@@ -114,7 +114,7 @@ def test_width_that_does_not_split_over_the_devices():
 
 
 def test_probe_cost_on_digits():
-  """Fitting on digits_m (5748 x 128, 8 CPU devices) takes well under a few seconds once compiled
+  """Fitting on the embedded digits (5748 x 128, 8 CPU devices) takes well under a few seconds once compiled
   (measured ~0.2 s on a shared 2-core machine)."""
   train_f, train_y, _, _ = _digits_features()
   mesh, data_axes = _mesh()
@@ -132,7 +132,7 @@ def test_evaluator_reports_the_linear_probe_next_to_the_knn():
   padding of the eval bank is not counted)."""
   mesh, data_axes = sharding.make_mesh({'data': 2, 'fsdp': 4}), ('data', 'fsdp')
   ev = knn.KnnEvaluator(
-    dataset='digits_m', train_split='train', eval_split='test', image_size=32, batch_size=64,
+    dataset='digits', train_split='train', eval_split='test', image_size=32, batch_size=64,
     mesh=mesh, data_axes=data_axes, resize_ratio=1.0,
   )  # fmt: skip
   w = jnp.asarray(np.random.RandomState(0).randn(32 * 32 * 3, DIM).astype(np.float32) / 50.0)
@@ -146,7 +146,7 @@ def test_evaluator_reports_the_linear_probe_next_to_the_knn():
   _, pred, (correct, total) = _probe(*_mesh(), train_f, train_y, test_f, test_y)
   assert dict(out)['knn/x/linear'] == pytest.approx(correct / total, abs=1.5 / total)
   no_linear = knn.KnnEvaluator(
-    dataset='digits_m', train_split='train', eval_split='test', image_size=32, batch_size=64,
+    dataset='digits', train_split='train', eval_split='test', image_size=32, batch_size=64,
     mesh=mesh, data_axes=data_axes, resize_ratio=1.0, linear=False, max_train_examples=256,
   )  # fmt: skip
   assert [k for k, _ in no_linear.run(features, w, 'knn/x')] == ['knn/x/top1']

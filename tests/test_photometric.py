@@ -110,7 +110,7 @@ def test_a_function_of_each_example_seed_only_any_order_any_sharding():
 
 
 def test_pipeline_hands_geometry_and_seeds_to_the_device():
-  src = sources.open_split('digits_m', 'train')
+  src = sources.open_split('digits', 'train')
   views = {'a': moco_strong_view(32, blur_prob=1.0, solarize_prob=0.0)}
   plain = {'a': ViewSpec(size=32, scale=views['a'].scale)}  # the same geometry, nothing else
   on_device = next(pipeline.train_iterator(src, views, batch_size=8, seed=4,
