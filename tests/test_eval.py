@@ -94,9 +94,10 @@ def test_finetune_runlocal_learns(tmp_path):
   from configs import finetune
 
   c = finetune.get_config('runlocal')
+  c.num_train_steps = c.checkpoint_every = 200  # a third of the recipe: 58.5% measured (600: 85.6%)
   out = train.train_and_evaluate(c, str(tmp_path))
   # chance is 10%; on 720 test examples its standard deviation is 1.1%
-  assert out['eval/top1'] > 0.25, out
+  assert out['eval/top1'] > 0.35, out
   assert os.path.exists(tmp_path / 'export' / 'model.pth')
   # The standalone k-NN command on the exported model.
   import contextlib

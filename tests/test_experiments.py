@@ -71,18 +71,16 @@ def test_runlocal_configs_default_to_the_shipped_teachers():
 
 
 # Measured (docs/results.md, teachers of this commit, test split, [CLS, mean] features):
-# MoCo v3 mu/4 52.8% k-NN / 74.3% linear; the same ViT at random init (seeds 0, 1) 32.4% / 61.9%:
-# gaps 20.4 and 12.4 points; the checks ask for half of each.
+# MoCo v3 mu/4 52.8% k-NN / 74.3% linear; the same ViT at random init 30.7% / 60.0% (seed 0; seeds
+# 1, 2: 34.2 / 63.8, 32.8 / 61.7): gaps 22.1 and 14.3 points; the checks ask for under half of each.
 @pytest.mark.parametrize('name, knn_gap, linear_gap', [('mocov3_mu', 0.10, 0.06)])
 def test_shipped_teacher_beats_its_random_init_encoder(name, knn_gap, linear_gap):
   """The teacher learned something: k-NN and linear probe well above the same ViT at random init
-  (averaged over two random seeds), computed here from the shipped file."""
+  (seed 0), computed here from the shipped file."""
   trained = small_scale.evaluate_checkpoint(teachers.path(name))
-  variant = teachers.RECIPES[name].variant
-  floor = [small_scale.evaluate_random_init(variant, seed) for seed in (0, 1)]
+  floor = small_scale.evaluate_random_init(teachers.RECIPES[name].variant, seed=0)
   for metric, gap in (('knn', knn_gap), ('linear', linear_gap)):
-    base = np.mean([f[metric] for f in floor])
-    assert trained[metric] > base + gap, (metric, trained, floor)
+    assert trained[metric] > floor[metric] + gap, (metric, trained, floor)
 
 
 def test_bad_torch_file_is_a_one_line_value_error(tmp_path):
