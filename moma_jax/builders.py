@@ -143,6 +143,8 @@ def build_moma(config: ml_collections.ConfigDict) -> tuple[Moma, dict[str, Any],
     per_teacher_projector=m.per_teacher_projector,
     mask_teacher=m.mask_teacher,
     mask_strong_view=m.mask_strong_view,
+    projector_warmup_steps=m.get('projector_warmup_steps', 0),
+    projector_lr_scale=m.get('projector_lr_scale', 1.0),
     input_norm=student_norm,
   )
   return objective, frozen, student_params, notes

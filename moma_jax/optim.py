@@ -4,7 +4,7 @@ frozen parameters, gradient clipping, and layer-wise learning-rate decay."""
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -65,26 +65,46 @@ def adamw(
   weight_decay: float = 0.05,
   frozen: str | None = None,
   lr_scale: Callable[[Any], Any] | None = None,
+  groups: Sequence[tuple[str, Callable[[int], float]]] = (),
 ) -> optax.GradientTransformation:
   """AdamW with the MAE decay mask (gradient clipping, when wanted, is chained in front).
 
   Args:
     frozen: regex over parameter paths ('student/pos_embed'); matching parameters get no update.
     lr_scale: params -> tree of per-parameter learning-rate multipliers (layer decay).
+    groups: (regex, schedule) pairs: a parameter (not ``frozen``) follows the schedule of the first
+      regex that matches its path, the others ``schedule``. MOMA's projector warm-up holds the
+      student encoder at lr 0 while the new projectors are fitted (:func:`held_schedule`).
   """
-  parts = [optax.scale_by_adam(b1=b1, b2=b2)]
-  parts.append(optax.add_decayed_weights(weight_decay, mask=decay_mask))
-  if lr_scale is not None:
-    parts.append(_scale_by_tree(lr_scale))
-  parts.append(optax.scale_by_learning_rate(schedule))
-  tx = optax.chain(*parts)
-  if frozen:
-    pattern = re.compile(frozen)
-    labels = lambda params: jax.tree.map(  # noqa: E731
-      lambda p: 'frozen' if pattern.search(p) else 'train', tree_paths(params)
-    )
-    tx = optax.multi_transform({'train': tx, 'frozen': optax.set_to_zero()}, labels)
-  return tx
+
+  def chain(lr):
+    parts = [optax.scale_by_adam(b1=b1, b2=b2)]
+    parts.append(optax.add_decayed_weights(weight_decay, mask=decay_mask))
+    if lr_scale is not None:
+      parts.append(_scale_by_tree(lr_scale))
+    parts.append(optax.scale_by_learning_rate(lr))
+    return optax.chain(*parts)
+
+  if not frozen and not groups:
+    return chain(schedule)
+  patterns = [(re.compile(frozen), 'frozen')] if frozen else []
+  patterns += [(re.compile(regex), f'group_{i}') for i, (regex, _) in enumerate(groups)]
+
+  def label(path: str) -> str:
+    return next((name for regex, name in patterns if regex.search(path)), 'rest')
+
+  transforms = {'rest': chain(schedule), 'frozen': optax.set_to_zero()}
+  transforms.update({f'group_{i}': chain(lr) for i, (_, lr) in enumerate(groups)})
+  return optax.multi_transform(transforms, lambda params: jax.tree.map(label, tree_paths(params)))
+
+
+def held_schedule(
+  peak: float, hold_steps: int, warmup_steps: int, total_steps: int, end: float = 0.0
+):
+  """lr 0 for ``hold_steps``, then the warm-up + cosine schedule over the steps that remain (the
+  encoder's schedule of a linear-probe-then-fine-tune start, Kumar et al. 2022)."""
+  rest = warmup_cosine(peak, warmup_steps, max(total_steps - hold_steps, 1), end)
+  return optax.join_schedules([optax.constant_schedule(0.0), rest], [hold_steps])
 
 
 def _scale_by_tree(fn: Callable[[Any], Any]) -> optax.GradientTransformation:

@@ -136,9 +136,13 @@ def make_optimizer(config, objective, total_steps: int, steps_per_epoch: int):
     if o.layer_decay < 1.0:
       depth = objective.model.depth
       lr_scale = lambda p: optim.layer_decay_scales(p, depth, o.layer_decay)  # noqa: E731
+    groups = [  # (regex, lr multiplier, steps at lr 0 first): MOMA's projector warm-up
+      (regex, optim.held_schedule(peak * scale, hold, warmup, total_steps, o.min_lr))
+      for regex, scale, hold in getattr(objective, 'lr_groups', ())
+    ]
     tx = optim.adamw(
       schedule, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay, frozen=objective.frozen_pattern,
-      lr_scale=lr_scale,
+      lr_scale=lr_scale, groups=groups,
     )  # fmt: skip
   elif o.name == 'lars':  # MAE / MoCo v3 linear probe; as MAE's LARS: no trust ratio on 1-D params
     matrices = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)  # noqa: E731

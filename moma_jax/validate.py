@@ -215,6 +215,9 @@ def _check_moma(c: ml_collections.ConfigDict) -> None:
     _fail('moma.teacher_norm', m.teacher_norm, "one of 'own+ln', 'own', 'ln'")
   if m.smooth_l1_beta < 0:
     _fail('moma.smooth_l1_beta', m.smooth_l1_beta, 'must be >= 0 (0: L1)')
+  if m.get('projector_warmup_steps', 0) < 0:
+    _fail('moma.projector_warmup_steps', m.projector_warmup_steps, 'must be >= 0 (0: off)')
+  _positive(m, 'projector_lr_scale', "must be > 0 (1: the encoder's lr)", prefix='moma.')
   if not c.teachers:
     _fail('teachers', '{}', 'MOMA needs at least one teacher (teachers.NAME.checkpoint=...)')
   _dtype('student.dtype', c.student.dtype)

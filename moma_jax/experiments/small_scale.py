@@ -49,6 +49,12 @@ class Run:
   config: str  # module under configs/ ('' for an evaluation-only row)
   overrides: tuple[tuple[str, Any], ...] = ()
   teacher: str = ''  # evaluation-only rows: the shipped teacher to evaluate
+  random_init: str = ''  # evaluation-only rows: this ViT variant randomly initialised (per seed)
+
+  @property
+  def seeded(self) -> bool:
+    """Whether the row has one result per seed (training runs and random inits)."""
+    return bool(self.config or self.random_init)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,6 +78,7 @@ def plan(tables: tuple[str, ...], mask_ratios: tuple[float, ...] = MASK_RATIOS) 
       Row('t2', 'MAE -> MoCo (pre-trained MoCo v3 mu student)', mae_to_moco),
       Row('t2', 'Multi: MoCo + MAE -> random mu student', Run('multi', 'multi_teacher')),
       Row('t2', 'MAE from scratch, same budget, no teacher', Run('mae_scratch', 'mae_pretrain')),
+      Row('t2', 'random-init mu/4 (no training; the floor)', _random('mu/4')),
     ]  # fmt: skip
   if 't3' in tables:
     rows += [
@@ -79,6 +86,8 @@ def plan(tables: tuple[str, ...], mask_ratios: tuple[float, ...] = MASK_RATIOS) 
       Row('t3', 'MAE mu teacher (no distillation)', _shipped('mae_mu')),
       Row('t3', 'MoCo v3 mu student before distillation', _shipped('mocov3_mu')),
       Row('t3', 'MoCo v3 pico student before distillation', _shipped('mocov3_pico')),
+      Row('t3', 'random-init pico/4 (no training; the floor)', _random('pico/4')),
+      Row('t3', 'random-init mu/4 (no training; the floor)', _random('mu/4')),
     ]
     for t_name, t_label in (('mae_milli', 'milli'), ('mae_mu', 'mu')):
       for s_name, s_label in (('mocov3_mu', 'mu'), ('mocov3_pico', 'pico')):
@@ -109,6 +118,11 @@ def plan(tables: tuple[str, ...], mask_ratios: tuple[float, ...] = MASK_RATIOS) 
 def _shipped(name: str) -> Run:
   """An evaluation-only row: a shipped teacher file as it is."""
   return Run(f'teacher_{name}', '', teacher=name)
+
+
+def _random(variant: str) -> Run:
+  """An evaluation-only row: ``variant`` randomly initialised, one init per seed."""
+  return Run(f'random_{variant.replace("/", "_")}', '', random_init=variant)
 
 
 def unique_runs(rows: list[Row]) -> list[Run]:
@@ -197,6 +211,10 @@ def execute(run: Run, seed: int, steps: int, workdir: str) -> dict[str, Any]:
   from moma_jax import train
 
   t0 = time.time()
+  if run.random_init:
+    result = evaluate_random_init(run.random_init, seed)
+    result.update(wall_s=time.time() - t0, history=[])
+    return result
   if not run.config:
     result = evaluate_checkpoint(teachers.path(run.teacher))
     result.update(wall_s=time.time() - t0, history=[])
@@ -345,7 +363,7 @@ def main(argv: list[str] | None = None) -> dict:
   results = state['results']
   t_start = time.time()
   for run in unique_runs(rows):
-    for seed in range(a.seeds if run.config else 1):
+    for seed in range(a.seeds if run.seeded else 1):
       if str(seed) in results.get(run.key, {}):
         continue
       print(f'[{time.time() - t_start:6.0f}s] {run.key} seed {seed}', flush=True)

@@ -119,6 +119,24 @@ def dino_loss(
   return loss, new_center
 
 
+def collapse_metrics(teacher: Array, center: Array, teacher_temp: Array) -> dict[str, Array]:
+  """The DINO paper's two collapse signals (its Fig. 7), from the teacher logits [B, K] of a step.
+
+  'teacher_entropy': mean entropy of one image's centred, sharpened teacher output (ln K: every
+  image gets the uniform output); 'teacher_batch_entropy': entropy of the batch-mean output (0:
+  every image gets the same prototype). A healthy run keeps the first well below ln K and the
+  second near it.
+  """
+  t = jax.lax.stop_gradient(teacher.astype(jnp.float32))
+  logp = jax.nn.log_softmax((t - center) / teacher_temp, axis=-1)
+  p = jnp.exp(logp)
+  mean_p = p.mean(0)
+  return {
+    'teacher_entropy': -jnp.sum(p * logp, axis=-1).mean(),
+    'teacher_batch_entropy': -jnp.sum(mean_p * jnp.log(mean_p + 1e-12)),
+  }
+
+
 # --- the optimizer ---------------------------------------------------------------------------------
 
 
@@ -454,7 +472,9 @@ class Dino:
     )  # fmt: skip
     if 'student_bn' in extra:
       new['student_bn'], new['teacher_bn'] = s_bn, jax.lax.stop_gradient(t_bn)
-    return loss, ({'loss': loss, 'momentum': m, 'teacher_temp': temp}, new)
+    metrics = {'loss': loss, 'momentum': m, 'teacher_temp': temp}
+    metrics.update(collapse_metrics(t_out, extra['center'], temp))
+    return loss, (metrics, new)
 
   def features(self, params, extra, frozen, images: Array, pool: str = 'cls') -> Array:
     del params, frozen, pool  # the backbone's own feature (ViT CLS / ResNet pooled), as DINO's

@@ -18,6 +18,12 @@ Open choices of the paper, all options (defaults chosen here and why):
   student_view            per teacher: 'masked' (the teacher's crop, masked), 'strong' (a strongly
                           augmented view of the same crop, masked), or 'both' (average).
   mask_teacher=False      the paper found masking the teacher hurts badly; kept for the ablation.
+  projector_warmup_steps  the student encoder is held at lr 0 while the new projectors are fitted
+                          (then its own warm-up + cosine over the remaining steps), as in
+                          linear-probe-then-fine-tune: the gradients through a random projector
+                          otherwise rewrite a pre-trained student (docs/results.md). Not in the
+                          paper; 0 = off.
+  projector_lr_scale      the projectors' lr = this x the encoder's (1 = the paper's one lr).
 """
 
 from __future__ import annotations
@@ -81,6 +87,8 @@ class Moma:
   per_teacher_projector: bool = True
   mask_teacher: bool = False
   mask_strong_view: bool = True
+  projector_warmup_steps: int = 0
+  projector_lr_scale: float = 1.0
   input_norm: Normalization = IMAGENET  # the student's input statistics
 
   def __post_init__(self):
@@ -146,6 +154,17 @@ class Moma:
   def frozen_pattern(self) -> str:
     """Parameters the optimizer must not touch: the fixed sin-cos position embedding."""
     return r'^student/pos_embed$'
+
+  @property
+  def lr_groups(self) -> tuple[tuple[str, float, int], ...]:
+    """(regex, lr multiplier, steps held at lr 0) per parameter group (``train.make_optimizer``):
+    the projector warm-up and the projectors' own lr; none with the paper's single schedule."""
+    groups = []
+    if self.projector_warmup_steps:
+      groups.append((r'^student/', 1.0, self.projector_warmup_steps))
+    if self.projector_lr_scale != 1.0:
+      groups.append((r'^projectors/', self.projector_lr_scale, 0))
+    return tuple(groups)
 
   def required_views(self) -> set[str]:
     views = {'teacher'}
