@@ -218,6 +218,9 @@ def _check_moma(c: ml_collections.ConfigDict) -> None:
   if m.get('projector_warmup_steps', 0) < 0:
     _fail('moma.projector_warmup_steps', m.projector_warmup_steps, 'must be >= 0 (0: off)')
   _positive(m, 'projector_lr_scale', "must be > 0 (1: the encoder's lr)", prefix='moma.')
+  own_schedules = m.get('projector_warmup_steps', 0) or m.get('projector_lr_scale', 1.0) != 1.0
+  if own_schedules and c.optim.name != 'adamw':
+    _fail('optim.name', c.optim.name, "the projector warm-up / lr scale need 'adamw'")
   if not c.teachers:
     _fail('teachers', '{}', 'MOMA needs at least one teacher (teachers.NAME.checkpoint=...)')
   _dtype('student.dtype', c.student.dtype)

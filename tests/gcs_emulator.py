@@ -79,7 +79,9 @@ def gcs_emulator(bucket: str = BUCKET) -> Iterator[tuple[str, str]]:
 
 def emulator_env(url: str) -> dict[str, str]:
   """Environment for a subprocess whose gs:// paths must reach the emulator at ``url``."""
-  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  from runlocal_helpers import FAST_COMPILE
+
+  env = {**os.environ, 'XLA_FLAGS': FAST_COMPILE}  # one device (see runlocal_helpers)
   env.update(
     STORAGE_EMULATOR_HOST=url, EPATH_USE_TF='false', TENSORSTORE_GCS_HTTP_URL=url,
     GOOGLE_AUTH_TOKEN_FOR_TESTING='emulator', JAX_PLATFORMS='cpu',

@@ -95,6 +95,14 @@ CASES = [
   ('align', [M2M, '--config.moma.align=diag'], 2, "moma.align='diag'"),
   ('teacher-norm', [M2M, '--config.moma.teacher_norm=bn'], 2, "moma.teacher_norm='bn'"),
   ('beta', [M2M, '--config.moma.smooth_l1_beta=-1'], 2, 'moma.smooth_l1_beta'),
+  (
+    'projector-warmup',
+    [M2M, '--config.moma.projector_warmup_steps=-1'],
+    2,
+    'moma.projector_warmup_steps=-1',
+  ),
+  ('projector-lr', [M2M, '--config.moma.projector_lr_scale=0'], 2, 'moma.projector_lr_scale=0'),
+  ('projector-sgd', [M2M, '--config.optim.name=sgd'], 2, "need 'adamw'"),
   ('student-dtype', [M2M, '--config.student.dtype=float16'], 2, "student.dtype='float16'"),
   ('teacher-dtype', [M2M, '--config.teacher_dtype=int8'], 2, "teacher_dtype='int8'"),
   (

@@ -253,3 +253,29 @@ def test_drop_path_on_the_student_only():
   assert losses[0] != losses[1]  # different drop-path masks
   feats = obj.features(params, extra, {}, batch['global1'])
   assert np.isfinite(np.asarray(feats)).all()
+
+
+def test_collapse_metrics_name_both_collapses():
+  """Uniform teacher output (every image gets ln K) and one shared prototype (batch entropy 0)
+  against a direct NumPy computation; a healthy one-hot-per-image output has both signals apart."""
+  k, b = 16, 8
+  center = jnp.zeros((1, k))
+  temp = jnp.float32(0.04)
+  same = dino.collapse_metrics(jnp.zeros((b, k)), center, temp)  # every logit equal: uniform
+  np.testing.assert_allclose(same['teacher_entropy'], np.log(k), rtol=1e-6)
+  np.testing.assert_allclose(same['teacher_batch_entropy'], np.log(k), rtol=1e-6)
+  one = jnp.tile(jnp.eye(k)[:1] * 10.0, (b, 1))  # every image on prototype 0
+  m = dino.collapse_metrics(one, center, temp)
+  assert m['teacher_entropy'] < 1e-3 and m['teacher_batch_entropy'] < 1e-3
+  healthy = dino.collapse_metrics(jnp.eye(k)[:b] * 10.0, center, temp)  # one prototype each
+  assert healthy['teacher_entropy'] < 1e-3
+  np.testing.assert_allclose(healthy['teacher_batch_entropy'], np.log(b), rtol=1e-4)
+  logits = np.random.RandomState(0).randn(b, k).astype(np.float32)
+  z = logits / 0.04
+  logp = z - z.max(1, keepdims=True)
+  logp -= np.log(np.exp(logp).sum(1, keepdims=True))
+  p = np.exp(logp)
+  got = dino.collapse_metrics(jnp.asarray(logits), center, temp)
+  np.testing.assert_allclose(got['teacher_entropy'], -(p * logp).sum(1).mean(), rtol=1e-4)
+  q = p.mean(0)
+  np.testing.assert_allclose(got['teacher_batch_entropy'], -(q * np.log(q)).sum(), rtol=1e-4)

@@ -17,6 +17,8 @@ from moma_jax import optim, sharding, train
 from moma_jax.models import vit
 from moma_jax.objectives.moma import Moma, Teacher, layer_norm, smooth_l1
 
+from runlocal_helpers import FAST_COMPILE
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -189,7 +191,7 @@ def test_two_processes_match_one(tmp_path):
   env = {
     **os.environ,
     'JAX_PLATFORMS': 'cpu',
-    'XLA_FLAGS': '--xla_force_host_platform_device_count=4',
+    'XLA_FLAGS': f'--xla_force_host_platform_device_count=4 {FAST_COMPILE}',
   }
   out = tmp_path / 'out.npz'
   procs = [

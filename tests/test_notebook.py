@@ -13,6 +13,8 @@ import re
 import subprocess
 import sys
 
+from runlocal_helpers import FAST_COMPILE
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK = os.path.join(ROOT, 'notebooks', 'moma_colab.ipynb')
 
@@ -38,7 +40,7 @@ def test_notebook_runs_top_to_bottom(tmp_path):
   env = {
     **os.environ,
     'JAX_PLATFORMS': 'cpu',
-    'XLA_FLAGS': '',
+    'XLA_FLAGS': FAST_COMPILE,  # one device; -O1 (see runlocal_helpers)
     'MPLBACKEND': 'Agg',
     'PYTHONPATH': ROOT,
     'MOMA_REPO': ROOT,  # the install cell's repository path

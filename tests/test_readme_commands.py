@@ -142,7 +142,9 @@ def sandbox(tmp_path_factory):
   for name in ('main.py', 'configs', 'moma_jax', 'convert', 'teachers'):
     os.symlink(os.path.join(ROOT, name), d / name)
   _official_files(d)
-  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  from runlocal_helpers import FAST_COMPILE
+
+  env = {**os.environ, 'XLA_FLAGS': FAST_COMPILE}  # one device; -O1 (see runlocal_helpers)
   env.update(JAX_PLATFORMS='cpu', PYTHONPATH=str(d))
   for var in ('WD', 'WD2', 'WD3', 'FT', 'FT2', 'FT3', 'LP', 'LP2', 'TR'):
     env[var] = str(d / 'runs' / var.lower())

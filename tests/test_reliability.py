@@ -16,7 +16,7 @@ import pytest
 from moma_jax import checkpointing, train
 from moma_jax.models import pretrained, vit
 
-from runlocal_helpers import runlocal_config
+from runlocal_helpers import FAST_COMPILE, runlocal_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, 'scripts'))
@@ -210,7 +210,7 @@ def test_bad_teacher_checkpoints_fail_fast_with_one_line(tmp_path, converted_tea
   r = subprocess.run(
     [sys.executable, 'main.py', '--config=configs/moco_to_mae.py:runlocal', f'--workdir={workdir}',
      f'--config.teachers.moco.checkpoint={path}'],
-    cwd=ROOT, env={**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': ''}, capture_output=True,
+    cwd=ROOT, env={**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': FAST_COMPILE}, capture_output=True,
     text=True, timeout=300,
   )  # fmt: skip
   assert r.returncode == 2, r.stderr[-2000:]
@@ -235,7 +235,7 @@ def test_full_disk_during_a_save_keeps_the_previous_checkpoint(tmp_path):
   cmd = [sys.executable, 'main.py', '--config=configs/moco_to_mae.py:runlocal,teacher=random,student=random',
          '--config.num_train_steps=20', '--config.checkpoint_every=10',
          '--config.evaluators.knn.before=False', '--config.evaluators.knn.at_end=False']  # fmt: skip
-  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': ''}
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': FAST_COMPILE}
   ref, run = tmp_path / 'ref', tmp_path / 'run'
   subprocess.run(cmd + [f'--workdir={ref}'], cwd=ROOT, env=env, check=True, capture_output=True)
   subprocess.run(

@@ -15,7 +15,7 @@ import pytest
 from moma_jax import train
 from moma_jax.models.pretrained import load_pretrained
 
-from runlocal_helpers import runlocal_config
+from runlocal_helpers import FAST_COMPILE, runlocal_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -91,7 +91,7 @@ def test_pretrained_teacher_and_student_from_converted_dirs(tmp_path):
 
 
 def _main(args, **kw):
-  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': ''}
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': FAST_COMPILE}
   return subprocess.run(
     [sys.executable, 'main.py', *args], cwd=ROOT, env=env, capture_output=True, text=True, **kw
   )
@@ -170,7 +170,7 @@ def test_main_rejects_misspelt_key_and_bad_batch(tmp_path):
   assert r.returncode != 0 and 'mask_ratoi' in r.stderr
   r = _main(['--config=configs/moco_to_mae.py:runlocal,typo', f'--workdir={tmp_path}'])
   assert r.returncode != 0 and "unknown config argument 'typo'" in r.stderr
-  env_8 = {'XLA_FLAGS': '--xla_force_host_platform_device_count=8'}
+  env_8 = {'XLA_FLAGS': f'--xla_force_host_platform_device_count=8 {FAST_COMPILE}'}
   r = subprocess.run(
     [sys.executable, 'main.py', '--config=configs/moco_to_mae.py:runlocal', f'--workdir={tmp_path}', '--config.batch_size=60'],
     cwd=ROOT, env={**os.environ, 'JAX_PLATFORMS': 'cpu', **env_8}, capture_output=True, text=True,
