@@ -74,6 +74,8 @@ def shortened_runlocal(
   c.checkpoint_every = checkpoint_every
   c.image_every = 0
   c.evaluators.knn.at_end = False
+  if 'moma' in c:  # the projector warm-up takes at most a third of a shortened run
+    c.moma.projector_warmup_steps = min(c.moma.projector_warmup_steps, steps // 3)
   return override(c, overrides)
 
 

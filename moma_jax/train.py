@@ -459,6 +459,9 @@ def train_and_evaluate(
     if views[name].size != config.data.image_size and not getattr(objective, 'multi_crop', False):
       raise ValueError(f'view {name!r} must be data.image_size={config.data.image_size}px')
   tx, schedule, peak_lr = make_optimizer(config, objective, total_steps, steps_per_epoch)
+  for regex, _, hold in getattr(objective, 'lr_groups', ()):
+    if hold >= total_steps:
+      logging.warning('parameters %s are held at lr 0 for all %d steps', regex, total_steps)
   evaluations = make_evaluations(config, objective, mesh, data_axes)
   if dry_run:
     plan = {
