@@ -131,6 +131,12 @@ def make_optimizer(config, objective, total_steps: int, steps_per_epoch: int):
   peak = optim.learning_rate(o.base_lr, config.batch_size)
   warmup = o.warmup_steps or int(o.warmup_epochs * steps_per_epoch)
   schedule = optim.warmup_cosine(peak, warmup, total_steps, o.min_lr)
+  lr_groups = getattr(objective, 'lr_groups', ())
+  if lr_groups and o.name != 'adamw':  # validate.py says so first; this guards direct callers
+    raise ValueError(f"optim.name={o.name!r}: parameter groups on own schedules need 'adamw'")
+  for regex, _, hold in lr_groups:
+    if hold >= total_steps:
+      logging.warning('parameters %s are held at lr 0 for all %d steps', regex, total_steps)
   if o.name == 'adamw':
     lr_scale = None
     if o.layer_decay < 1.0:
@@ -138,7 +144,7 @@ def make_optimizer(config, objective, total_steps: int, steps_per_epoch: int):
       lr_scale = lambda p: optim.layer_decay_scales(p, depth, o.layer_decay)  # noqa: E731
     groups = [  # (regex, lr multiplier, steps at lr 0 first): MOMA's projector warm-up
       (regex, optim.held_schedule(peak * scale, hold, warmup, total_steps, o.min_lr))
-      for regex, scale, hold in getattr(objective, 'lr_groups', ())
+      for regex, scale, hold in lr_groups
     ]
     tx = optim.adamw(
       schedule, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay, frozen=objective.frozen_pattern,
@@ -459,9 +465,6 @@ def train_and_evaluate(
     if views[name].size != config.data.image_size and not getattr(objective, 'multi_crop', False):
       raise ValueError(f'view {name!r} must be data.image_size={config.data.image_size}px')
   tx, schedule, peak_lr = make_optimizer(config, objective, total_steps, steps_per_epoch)
-  for regex, _, hold in getattr(objective, 'lr_groups', ()):
-    if hold >= total_steps:
-      logging.warning('parameters %s are held at lr 0 for all %d steps', regex, total_steps)
   evaluations = make_evaluations(config, objective, mesh, data_axes)
   if dry_run:
     plan = {

@@ -211,12 +211,11 @@ def execute(run: Run, seed: int, steps: int, workdir: str) -> dict[str, Any]:
   from moma_jax import train
 
   t0 = time.time()
-  if run.random_init:
-    result = evaluate_random_init(run.random_init, seed)
-    result.update(wall_s=time.time() - t0, history=[])
-    return result
-  if not run.config:
-    result = evaluate_checkpoint(teachers.path(run.teacher))
+  if not run.config:  # evaluation only: a random init (per seed) or a shipped teacher
+    if run.random_init:
+      result = evaluate_random_init(run.random_init, seed)
+    else:
+      result = evaluate_checkpoint(teachers.path(run.teacher))
     result.update(wall_s=time.time() - t0, history=[])
     return result
   rundir = os.path.join(workdir, 'runs', run.key, f'seed{seed}')
