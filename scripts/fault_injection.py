@@ -32,7 +32,11 @@ def _command(workdir: str, steps: int, checkpoint_every: int) -> list[str]:
 
 
 def _env() -> dict[str, str]:
-  return {**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': '', 'PYTHONPATH': ROOT}
+  # One device (the caller may fake several, as the tests do); the caller's other XLA flags are kept
+  # (the tests' faster -O1 compilation: the same flags for every run, so bit-identity still holds).
+  flags = re.sub(r'--xla_force_host_platform_device_count=\d+', '', os.environ.get('XLA_FLAGS', ''))
+  return {**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': ' '.join(flags.split()),
+          'PYTHONPATH': ROOT}  # fmt: skip
 
 
 def _latest_step(workdir: str) -> int | None:

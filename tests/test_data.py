@@ -17,6 +17,8 @@ from PIL import Image
 from moma_jax.data import augment, device, embedded, fake_imagenet, mixing, pipeline, sources
 from moma_jax.data.augment import ViewSpec
 
+from runlocal_helpers import FAST_COMPILE
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -398,7 +400,7 @@ def test_two_real_processes_read_disjoint_examples(tmp_path):
   with socket.socket() as s:
     s.bind(('127.0.0.1', 0))
     port = str(s.getsockname()[1])
-  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': ''}
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': FAST_COMPILE}
   procs = [
     subprocess.Popen([sys.executable, str(path), str(i), port, str(tmp_path / f'{i}.txt')], env=env)
     for i in range(2)
@@ -518,7 +520,7 @@ def test_all_unreadable_folder_stops_the_run_with_one_line_naming_a_file(tmp_pat
      f'--config.data.name=folder:{tmp_path / "data"}', '--config.evaluators.knn.before=False',
      '--config.evaluators.knn.at_end=False'],
     cwd=ROOT, capture_output=True, text=True, timeout=300,
-    env={**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': ''},
+    env={**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': FAST_COMPILE},
   )  # fmt: skip
   errors = [ln for ln in p.stderr.splitlines() if ln.startswith('error: ')]
   assert p.returncode == 2 and len(errors) == 1, p.stderr[-3000:]

@@ -4,7 +4,6 @@ rows and over 8 devices; the k-NN evaluator's linear column end to end on the em
 from __future__ import annotations
 
 import functools
-import time
 
 import jax
 import jax.numpy as jnp
@@ -113,17 +112,25 @@ def test_width_that_does_not_split_over_the_devices():
   assert float(probes[0].grad_norm) < 1e-5
 
 
-def test_probe_cost_on_digits():
-  """Fitting on the embedded digits (5748 x 128, 8 CPU devices) takes well under a few seconds once compiled
-  (measured ~0.2 s on a shared 2-core machine)."""
-  train_f, train_y, _, _ = _digits_features()
+def test_preconditioning_cuts_the_iterations_on_digits():
+  """The preconditioner is what keeps the probe cheap (the trainer fits one per encoder at the end
+  of every run): on these features of the embedded digits (a random projection, 5748 x 128, 8 CPU
+  devices) L-BFGS converges in 34 iterations with it and in 189 without it (measured), to the same
+  predictions."""
+  train_f, train_y, test_f, _ = _digits_features()
   mesh, data_axes = _mesh()
   bank = knn.bank_from_arrays(train_f, train_y, mesh=mesh, data_axes=data_axes)
   args = (bank.features, bank.labels, bank.valid, bank.norms)
-  jax.block_until_ready(linear.fit(*args, num_classes=10))  # compile
-  start = time.perf_counter()
-  jax.block_until_ready(linear.fit(*args, num_classes=10))
-  assert time.perf_counter() - start < 5.0
+  fast = linear.fit(*args, num_classes=10)
+  slow = linear.fit(*args, num_classes=10, precondition=False)
+  assert float(fast.grad_norm) < 1e-5 and float(slow.grad_norm) < 1e-5  # both converged
+  assert int(fast.iterations) <= 50 and int(slow.iterations) >= 3 * int(fast.iterations), (
+    int(fast.iterations), int(slow.iterations),
+  )  # fmt: skip
+  np.testing.assert_array_equal(
+    np.argmax(np.asarray(linear.predict(fast, jnp.asarray(test_f))), 1),
+    np.argmax(np.asarray(linear.predict(slow, jnp.asarray(test_f))), 1),
+  )
 
 
 def test_evaluator_reports_the_linear_probe_next_to_the_knn():
