@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from torch_reference import Block
+from torch_reference import Block, PatchEmbed
 
 
 class BasicBlock(nn.Module):
@@ -237,3 +237,112 @@ def load_flax(module: nn.Module, variables, prefix: str = '') -> None:
   missing, unexpected = module.load_state_dict(state, strict=False)
   missing = [k for k in missing if not k.endswith('num_batches_tracked')]
   assert not missing and not unexpected, (missing, unexpected)
+
+
+# --- a whole DINO training step, as main_dino.py runs it ------------------------------------------
+
+
+class DinoViT(nn.Module):
+  """DINO's VisionTransformer over torch_reference's blocks: DINO's initialisation (trunc-normal
+  0.02 linears and learned position embeddings / CLS, zero biases, unit norms; the patch conv keeps
+  torch's default) and any crop size (position embeddings resized by ``interpolate_grid``)."""
+
+  def __init__(self, patch, dim, depth, heads, grid, pool='cls'):
+    super().__init__()
+    self.patch, self.pool = patch, pool
+    self.patch_embed = PatchEmbed(patch, dim)
+    self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+    self.pos_embed = nn.Parameter(torch.zeros(1, grid * grid + 1, dim))
+    self.blocks = nn.ModuleList([Block(dim, heads) for _ in range(depth)])
+    self.norm = nn.LayerNorm(dim, eps=1e-6)
+    for name, p in self.named_parameters():
+      if p.ndim > 1 and 'patch_embed' not in name:
+        nn.init.trunc_normal_(p, std=0.02)
+      elif name.endswith('bias') and 'patch_embed' not in name:
+        nn.init.zeros_(p)
+      elif p.ndim == 1 and 'patch_embed' not in name:
+        nn.init.ones_(p)
+
+  def forward(self, x):
+    """x [B, 3, S, S] -> the CLS token after the final norm (``pool='mean'``: mean patch token)."""
+    t = self.patch_embed(x) + interpolate_grid(self.pos_embed[:, 1:], x.shape[-1] // self.patch)
+    cls = (self.cls_token + self.pos_embed[:, :1]).expand(t.shape[0], -1, -1)
+    t = torch.cat([cls, t], 1)
+    for block in self.blocks:
+      t = block(t)
+    t = self.norm(t)
+    return t[:, 1:].mean(1) if self.pool == 'mean' else t[:, 0]
+
+
+class MultiCropWrapper(nn.Module):
+  """DINO's MultiCropWrapper: crops of one size through the backbone together, then the head."""
+
+  def __init__(self, backbone, head):
+    super().__init__()
+    self.backbone, self.head = backbone, head
+
+  def forward(self, crops):
+    feats, i = [], 0
+    while i < len(crops):
+      j = i
+      while j < len(crops) and crops[j].shape[-1] == crops[i].shape[-1]:
+        j += 1
+      feats.append(self.backbone(torch.cat(crops[i:j])))
+      i = j
+    return self.head(torch.cat(feats))
+
+
+def cosine_scheduler(base, final, total, warmup=0):
+  """DINO's utils.cosine_scheduler, per step."""
+  warm = np.linspace(0, base, warmup) if warmup else np.array([])
+  iters = np.arange(total - warmup)
+  return np.concatenate(
+    (warm, final + 0.5 * (base - final) * (1 + np.cos(np.pi * iters / len(iters))))
+  )
+
+
+class DinoTraining:
+  """main_dino.py's train_one_epoch for a ViT: AdamW with DINO's two parameter groups, per-step lr
+  / weight-decay / momentum schedules, per-tensor gradient clipping, the last layer's gradient
+  cancelled during the first ``freeze_last_layer`` epochs, ``norm_last_layer`` (weight_g frozen),
+  the teacher updated by EMA after each step. The teacher starts as a copy of the student."""
+
+  def __init__(self, student, teacher, loss_fn, lr, wd, momentum, steps_per_epoch, clip=3.0,
+               freeze_last_layer=1):  # fmt: skip
+    self.student, self.teacher, self.loss_fn = student, teacher, loss_fn
+    self.lr, self.wd, self.momentum = lr, wd, momentum
+    self.steps_per_epoch, self.clip, self.freeze = steps_per_epoch, clip, freeze_last_layer
+    teacher.load_state_dict(student.state_dict())  # (weight_norm modules cannot be deep-copied)
+    for p in teacher.parameters():
+      p.requires_grad = False
+    student.head.last_layer.weight_g.requires_grad = False
+    params = [(n, p) for n, p in student.named_parameters() if p.requires_grad]
+    decay = [p for n, p in params if not n.endswith('.bias') and p.ndim > 1]
+    no_decay = [p for n, p in params if n.endswith('.bias') or p.ndim == 1]
+    self.opt = torch.optim.AdamW([{'params': decay}, {'params': no_decay, 'weight_decay': 0.0}])
+
+  def step(self, it, crops):
+    """One iteration ``it`` on crops (2 global first): (loss, the teacher's logits [2B, K])."""
+    for i, group in enumerate(self.opt.param_groups):
+      group['lr'] = self.lr[it]
+      if i == 0:
+        group['weight_decay'] = self.wd[it]
+    epoch = it // self.steps_per_epoch
+    with torch.no_grad():
+      t_out = self.teacher(crops[:2])
+    loss = self.loss_fn(self.student(crops), t_out, epoch)
+    self.opt.zero_grad()
+    loss.backward()
+    for p in self.student.parameters():  # utils.clip_gradients
+      if p.grad is not None:
+        coef = self.clip / (p.grad.norm(2) + 1e-6)
+        if coef < 1:
+          p.grad.mul_(coef)
+    if epoch < self.freeze:  # utils.cancel_gradients_last_layer
+      self.student.head.last_layer.weight_v.grad = None
+    self.opt.step()
+    with torch.no_grad():
+      m = self.momentum[it]
+      for ps, pt in zip(self.student.parameters(), self.teacher.parameters(), strict=True):
+        pt.mul_(m).add_((1 - m) * ps.detach())
+    return loss.item(), t_out
