@@ -4,7 +4,7 @@ own runlocal pipeline: does the runlocal DINO recipe collapse by itself, or does
   python scripts/dino_torch_reference.py --steps 300                    # the runlocal recipe
   python scripts/dino_torch_reference.py --steps 200 --teacher_temp 0.01 0.02 --bn_in_head
 
-Nothing of moma_jax's models, losses or optimizer is used: tests/torch_resnet.py's DinoViT (DINO's
+Nothing of moma_jax's models, losses or optimizer is used (only its data, k-NN and collapse metrics): tests/torch_resnet.py's DinoViT (DINO's
 initialisation, learned position embeddings resized bicubically for local crops), DINOHead,
 DINOLoss and DinoTraining (main_dino.py's loop: AdamW with DINO's two parameter groups,
 per-tensor clipping 3.0, the last layer frozen in epoch 1, norm_last_layer, per-step cosine lr /
@@ -41,6 +41,8 @@ sys.path[:0] = [ROOT, os.path.join(ROOT, 'tests')]
 
 from configs import dino_pretrain  # noqa: E402
 from moma_jax.data import augment, pipeline, sources  # noqa: E402
+from moma_jax.evaluators import knn  # noqa: E402
+from moma_jax.objectives import dino  # noqa: E402
 
 import torch_resnet as tr  # noqa: E402
 
@@ -72,20 +74,16 @@ def make_model(a) -> tr.MultiCropWrapper:
 
 
 def knn_top1(model: tr.MultiCropWrapper, data: dict) -> tuple[float, float]:
-  """(k-NN top-1 of the backbone's feature, mean cosine between test images)."""
+  """(k-NN top-1 of the backbone's feature, by the trainer's knn_predict; mean cosine between
+  test images)."""
   with torch.no_grad():
     tr_x, te_x = (F.normalize(model.backbone(data[s][0]), dim=-1).numpy()
                   for s in ('train', 'test'))  # fmt: skip
   tr_y, te_y = data['train'][1], data['test'][1]
-  sim = te_x @ tr_x.T
-  idx = np.argsort(-sim, 1)[:, :20]
-  w = np.exp(np.take_along_axis(sim, idx, 1) / 0.07)
-  votes = np.zeros((len(te_x), int(tr_y.max()) + 1))
-  for j in range(idx.shape[1]):
-    np.add.at(votes, (np.arange(len(te_x)), tr_y[idx[:, j]]), w[:, j])
+  scores = knn.knn_predict(tr_x, tr_y, te_x, num_classes=int(tr_y.max()) + 1)
   cos = te_x @ te_x.T
   n = len(cos)
-  return float((votes.argmax(1) == te_y).mean()), float((cos.sum() - n) / (n * (n - 1)))
+  return float((scores.argmax(1) == te_y).mean()), float((cos.sum() - n) / (n * (n - 1)))
 
 
 def main() -> None:
@@ -146,11 +144,8 @@ def main() -> None:
     crops = [to_torch(x) for x in map(next(batches).__getitem__, names)]
     center, temp = loss_fn.center.clone(), loss_fn.teacher_temp_schedule[step // steps_per_epoch]
     loss, t_out = run.step(step, crops)
-    logp = F.log_softmax((t_out - center) / temp, -1)  # the teacher output this step trained on
-    prob = logp.exp()
-    ent = float(-(prob * logp).sum(-1).mean())
-    mean_p = prob.mean(0)
-    batch_ent = float(-(mean_p * (mean_p + 1e-12).log()).sum())
+    signals = dino.collapse_metrics(t_out.numpy(), center.numpy(), temp)  # what the JAX run logs
+    ent, batch_ent = (float(signals[k]) for k in ('teacher_entropy', 'teacher_batch_entropy'))
     history.append((step, loss, ent, batch_ent))
     if step % 100 == 0 or step == a.steps - 1:
       print(f'step {step}: loss {loss:.3f}, teacher entropy {ent:.3f}, batch entropy '

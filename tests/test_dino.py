@@ -39,16 +39,10 @@ def test_dino_loss_and_center_match_torch_over_epochs():
 
 
 def test_schedules_match_dino_cosine_scheduler():
-  def cosine_scheduler(base, final, epochs, niter, warmup_epochs=0):  # DINO's utils.py
-    warm = np.linspace(0, base, warmup_epochs * niter) if warmup_epochs else np.array([])
-    iters = np.arange(epochs * niter - warmup_epochs * niter)
-    sched = final + 0.5 * (base - final) * (1 + np.cos(np.pi * iters / len(iters)))
-    return np.concatenate((warm, sched))
-
-  ref_lr = cosine_scheduler(5e-4, 1e-6, 6, 7, warmup_epochs=2)
+  ref_lr = tr.cosine_scheduler(5e-4, 1e-6, 42, 14)  # DINO's: 6 epochs of 7 steps, 2 warm-up
   lr = dino.cosine_schedule(5e-4, 1e-6, 42, 14)
   np.testing.assert_allclose([float(lr(i)) for i in range(42)], ref_lr, rtol=1e-5, atol=1e-10)
-  ref_wd = cosine_scheduler(0.04, 0.4, 6, 7)
+  ref_wd = tr.cosine_scheduler(0.04, 0.4, 42)
   wd = dino.cosine_schedule(0.04, 0.4, 42)
   np.testing.assert_allclose([float(wd(i)) for i in range(42)], ref_wd, rtol=1e-5)
 

@@ -256,11 +256,13 @@ class DinoViT(nn.Module):
     self.blocks = nn.ModuleList([Block(dim, heads) for _ in range(depth)])
     self.norm = nn.LayerNorm(dim, eps=1e-6)
     for name, p in self.named_parameters():
-      if p.ndim > 1 and 'patch_embed' not in name:
+      if name.startswith('patch_embed'):
+        continue
+      if p.ndim > 1:
         nn.init.trunc_normal_(p, std=0.02)
-      elif name.endswith('bias') and 'patch_embed' not in name:
+      elif name.endswith('bias'):
         nn.init.zeros_(p)
-      elif p.ndim == 1 and 'patch_embed' not in name:
+      else:
         nn.init.ones_(p)
 
   def forward(self, x):
