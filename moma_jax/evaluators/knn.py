@@ -414,14 +414,20 @@ def knn_scores(
 
 
 def linear_probe_top1(
-  train: MemoryBank, test: MemoryBank, *, num_classes: int, c: float = 1.0, max_iter: int = 500
+  train: MemoryBank,
+  test: MemoryBank,
+  *,
+  num_classes: int,
+  c: float = 1.0,
+  max_iter: int = 500,
+  tol: float = 1e-4,
 ) -> float:
   """Top-1 on the ``test`` bank's valid rows of a linear probe fitted on the ``train`` bank's
   (:func:`moma_jax.evaluators.linear.fit`: logistic regression on the raw features, standardised
   with the train mean / std; scikit-learn's ``C = c``)."""
   probe = linear_probe.fit(
     train.features, train.labels, train.valid, train.norms, num_classes=num_classes, c=c,
-    max_iter=max_iter,
+    max_iter=max_iter, tol=tol,
   )  # fmt: skip
   counts = linear_probe.count_correct(probe, test.features, test.labels, test.valid, test.norms)
   correct, total = (int(x) for x in np.asarray(counts))
@@ -437,7 +443,8 @@ def _count_correct(scores: jax.Array, labels: jax.Array, mask: jax.Array) -> jax
 class KnnEvaluator:
   """Periodic k-NN top-1 of an encoder: train-split features as the memory bank, eval split queried;
   with ``linear``, also the top-1 of a linear probe on the same features (logistic regression with
-  scikit-learn's ``C = linear_c``, at most ``linear_max_iter`` L-BFGS iterations; see
+  scikit-learn's ``C = linear_c``, at most ``linear_max_iter`` L-BFGS iterations, stopping once the
+  gradient norm is below ``linear_tol``: 1e-4, scikit-learn's default tol; see
   :mod:`moma_jax.evaluators.linear`).
 
   Memory per device: see the module docstring (the bank is split over the data-parallel devices;
@@ -463,6 +470,7 @@ class KnnEvaluator:
     linear: bool = True,
     linear_c: float = 1.0,
     linear_max_iter: int = 500,
+    linear_tol: float = 1e-4,
   ):
     self.train = sources.open_split(dataset, train_split, data_dir=data_dir)
     self.test = sources.open_split(dataset, eval_split, data_dir=data_dir)
@@ -472,6 +480,7 @@ class KnnEvaluator:
     self.max_train = max_train_examples
     self.bank_block = bank_block
     self.linear, self.linear_c, self.linear_max_iter = linear, linear_c, linear_max_iter
+    self.linear_tol = linear_tol
 
   @property
   def num_classes(self) -> int:
@@ -514,7 +523,7 @@ class KnnEvaluator:
     if self.linear:
       top1 = linear_probe_top1(
         bank, test_bank.finish(), num_classes=self.num_classes, c=self.linear_c,
-        max_iter=self.linear_max_iter,
+        max_iter=self.linear_max_iter, tol=self.linear_tol,
       )  # fmt: skip
       yield f'{prefix}/linear', top1
 
