@@ -167,8 +167,6 @@ def test_mocov3_global_batch_semantics_8_devices_equal_1():
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5), p, ref_p)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5), e, ref_e)
   # A per-device (local) InfoNCE would differ: the global one is not an average of 8 local ones.
-  obj = _moco()
-  params, extra = obj.init(jax.random.key(0))
   q = jax.random.normal(jax.random.key(2), (16, 16))
   k = q + 0.1 * jax.random.normal(jax.random.key(3), (16, 16))
   local = np.mean([infonce(q[i : i + 2], k[i : i + 2], 0.2) for i in range(0, 16, 2)])
