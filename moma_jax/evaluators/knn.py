@@ -413,6 +413,9 @@ def knn_scores(
   return fn(queries, bank.features, bank.labels, bank.valid)
 
 
+LINEAR_TOL = 1e-4  # the probe's stop on the gradient norm: scikit-learn's default tol
+
+
 def linear_probe_top1(
   train: MemoryBank,
   test: MemoryBank,
@@ -420,7 +423,7 @@ def linear_probe_top1(
   num_classes: int,
   c: float = 1.0,
   max_iter: int = 500,
-  tol: float = 1e-4,
+  tol: float = LINEAR_TOL,
 ) -> float:
   """Top-1 on the ``test`` bank's valid rows of a linear probe fitted on the ``train`` bank's
   (:func:`moma_jax.evaluators.linear.fit`: logistic regression on the raw features, standardised
@@ -444,7 +447,7 @@ class KnnEvaluator:
   """Periodic k-NN top-1 of an encoder: train-split features as the memory bank, eval split queried;
   with ``linear``, also the top-1 of a linear probe on the same features (logistic regression with
   scikit-learn's ``C = linear_c``, at most ``linear_max_iter`` L-BFGS iterations, stopping once the
-  gradient norm is below ``linear_tol``: 1e-4, scikit-learn's default tol; see
+  gradient norm is below ``linear_tol`` (``LINEAR_TOL``, scikit-learn's default tol); see
   :mod:`moma_jax.evaluators.linear`).
 
   Memory per device: see the module docstring (the bank is split over the data-parallel devices;
@@ -470,7 +473,7 @@ class KnnEvaluator:
     linear: bool = True,
     linear_c: float = 1.0,
     linear_max_iter: int = 500,
-    linear_tol: float = 1e-4,
+    linear_tol: float = LINEAR_TOL,
   ):
     self.train = sources.open_split(dataset, train_split, data_dir=data_dir)
     self.test = sources.open_split(dataset, eval_split, data_dir=data_dir)
