@@ -44,7 +44,7 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from moma_jax import flops, optim, sharding, train  # noqa: E402
+from moma_jax import hardware, optim, sharding, train  # noqa: E402
 from moma_jax.data import device  # noqa: E402
 from moma_jax.models.vit import ViT, decode_variant  # noqa: E402
 from moma_jax.objectives.moma import Moma, Teacher  # noqa: E402
@@ -171,7 +171,7 @@ def benchmark(frameworks, pair, batch, mask, args) -> dict:
       rates[fw].append(batch * args.steps / (time.perf_counter() - t0))
   fpe = moma_objective(pair, mask).flops_per_example()
   row = {'pair': pair, 'batch': batch, 'mask': mask, 'results': {}}
-  peak = flops.peak_flops(jax.devices()[0].device_kind)
+  peak = hardware.peak_flops(jax.devices()[0].device_kind)
   for fw in frameworks:
     ips = statistics.median(rates[fw])
     row['results'][fw] = {

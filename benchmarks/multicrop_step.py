@@ -31,7 +31,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import dino_pretrain, mokd  # noqa: E402
-from moma_jax import builders_dino, flops, sharding, train  # noqa: E402
+from moma_jax import builders_dino, hardware, sharding, train  # noqa: E402
 from moma_jax.data import device  # noqa: E402
 from moma_jax.objectives import dino as dino_lib  # noqa: E402
 
@@ -97,7 +97,7 @@ def measure(name: str, batch: int, steps: int, dtype: str) -> dict:
     times.append(time.perf_counter() - t)
   med = statistics.median(times)
   fl = objective.flops_per_example() * batch
-  peak = flops.peak_flops(jax.devices()[0].device_kind)
+  peak = hardware.peak_flops(jax.devices()[0].device_kind)
   return {
     'model': name,
     'batch': batch,

@@ -2,10 +2,13 @@
 
 The only place where objectives meet files (objectives themselves never read any).
 Returns (objective, frozen variables, pre-trained params to start from or None, notes for the log).
+A :class:`Loader` says how weights are obtained: arrays for a run, shapes only for a plan
+(moma_jax/plan.py), through the same builders.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tempfile
 from typing import Any
@@ -29,12 +32,15 @@ def dtype(name: str):
 TORCH_SUFFIXES = ('.pth', '.pth.tar', '.pt', '.bin', '.safetensors')
 
 
-def load_checkpoint(path: str, **overrides: Any) -> pretrained.Pretrained:
+def load_checkpoint(
+  path: str, shapes_only: bool = False, **overrides: Any
+) -> pretrained.Pretrained:
   """A converted checkpoint directory, or a PyTorch / safetensors file (MAE, MoCo v3, timm)
   converted on the fly through ``convert/`` into a temporary directory: the same path as
-  ``python -m convert`` followed by loading its output."""
+  ``python -m convert`` followed by loading its output. ``shapes_only``: ShapeDtypeStructs
+  instead of arrays (a directory's parameter files are then not read; a PyTorch file is)."""
   if not path.endswith(TORCH_SUFFIXES) or not storage.Path(path).is_file():
-    return pretrained.load_pretrained(path, **overrides)
+    return pretrained.load_pretrained(path, shapes_only, **overrides)
   from convert.convert import convert_checkpoint
   from convert.errors import ConvertError
 
@@ -44,7 +50,27 @@ def load_checkpoint(path: str, **overrides: Any) -> pretrained.Pretrained:
       convert_checkpoint(path, os.path.join(tmp, 'converted'))
     except ConvertError as e:
       raise ValueError(str(e)) from e
-    return pretrained.load_pretrained(os.path.join(tmp, 'converted'), **overrides)
+    return pretrained.load_pretrained(os.path.join(tmp, 'converted'), shapes_only, **overrides)
+
+
+@dataclasses.dataclass(frozen=True)
+class Loader:
+  """How the builders obtain weights. A run: arrays (checkpoints read, random models initialised
+  on the default device). A plan (``shapes_only``): ShapeDtypeStructs only, so that a B/16 or
+  L/16 config is planned for a TPU pod without reading or allocating its weights."""
+
+  shapes_only: bool = False
+
+  def checkpoint(self, path: str, **overrides: Any) -> pretrained.Pretrained:
+    return load_checkpoint(path, self.shapes_only, **overrides)
+
+  def init(self, model, *args) -> Any:
+    """``model.init(*args)``, or its shapes."""
+    return jax.eval_shape(model.init, *args) if self.shapes_only else jax.jit(model.init)(*args)
+
+
+ARRAYS = Loader()  # a run
+SHAPES = Loader(shapes_only=True)  # a plan
 
 
 def input_norm(cfg: ml_collections.ConfigDict, loaded: pretrained.Pretrained | None = None):
@@ -80,10 +106,10 @@ def _from_variant(variant: str, size: int, dtype_name: str = 'float32', drop_pat
   )  # fmt: skip
 
 
-def _random_teacher(variant: str, size: int, dtype_name: str, key: jax.Array):
+def _random_teacher(variant: str, size: int, dtype_name: str, key: jax.Array, loader: Loader):
   """(model, variables) of a randomly initialised frozen teacher (runlocal without checkpoints)."""
   model = _from_variant(variant, size, dtype_name)
-  return model, jax.jit(model.init)(key, jnp.zeros((1, size, size, 3)))
+  return model, loader.init(model, key, jnp.zeros((1, size, size, 3)))
 
 
 def _check_size(model: vit.ViT, size: int, what: str) -> None:
@@ -94,12 +120,14 @@ def _check_size(model: vit.ViT, size: int, what: str) -> None:
     )
 
 
-def build_moma(config: ml_collections.ConfigDict) -> tuple[Moma, dict[str, Any], Any, list[str]]:
+def build_moma(
+  config: ml_collections.ConfigDict, loader: Loader = ARRAYS
+) -> tuple[Moma, dict[str, Any], Any, list[str]]:
   size = config.data.image_size
   notes = []
   sc = config.student
   if sc.checkpoint:
-    loaded = load_checkpoint(sc.checkpoint, dtype=dtype(sc.dtype), drop_path=sc.drop_path)
+    loaded = loader.checkpoint(sc.checkpoint, dtype=dtype(sc.dtype), drop_path=sc.drop_path)
     student = _encoder(loaded, f'student checkpoint {sc.checkpoint}').clone(remat=sc.remat)
     student_params = loaded.params['params']
     student_norm = input_norm(sc, loaded)
@@ -113,7 +141,7 @@ def build_moma(config: ml_collections.ConfigDict) -> tuple[Moma, dict[str, Any],
   teachers, frozen = {}, {}
   for name, tc in config.teachers.items():
     if tc.checkpoint:
-      loaded = load_checkpoint(tc.checkpoint, dtype=dtype(config.teacher_dtype))
+      loaded = loader.checkpoint(tc.checkpoint, dtype=dtype(config.teacher_dtype))
       model = _encoder(loaded, f'teacher {name} checkpoint {tc.checkpoint}')
       frozen[name] = loaded.params
       source = tc.checkpoint
@@ -121,7 +149,7 @@ def build_moma(config: ml_collections.ConfigDict) -> tuple[Moma, dict[str, Any],
       notes.append(f'teacher {name}: {source}, weight {tc.weight}, student view {tc.student_view}')
     else:
       key = jax.random.fold_in(jax.random.key(config.seed + 1), len(teachers))
-      model, frozen[name] = _random_teacher(tc.variant, size, config.teacher_dtype, key)
+      model, frozen[name] = _random_teacher(tc.variant, size, config.teacher_dtype, key, loader)
       source = 'random'
       norm = input_norm(tc)
       notes.append(
@@ -151,7 +179,7 @@ def build_moma(config: ml_collections.ConfigDict) -> tuple[Moma, dict[str, Any],
 
 
 def build_classification(
-  config: ml_collections.ConfigDict, num_classes: int
+  config: ml_collections.ConfigDict, num_classes: int, loader: Loader = ARRAYS
 ) -> tuple[Classification, dict[str, Any], Any, list[str]]:
   c = config.classifier
   size = config.data.image_size
@@ -160,7 +188,7 @@ def build_classification(
   frozen, start, notes = {}, None, []
   norm = input_norm(c)
   if c.checkpoint:
-    loaded = load_checkpoint(c.checkpoint)
+    loaded = loader.checkpoint(c.checkpoint)
     norm = input_norm(c, loaded)
     m = loaded.model
     arch = {k: getattr(m, k) for k in ('width', 'depth', 'num_heads', 'mlp_dim', 'patch_size',
@@ -192,7 +220,7 @@ def build_classification(
   return objective, frozen, start, notes
 
 
-def build_pretraining(config: ml_collections.ConfigDict, total_steps: int):
+def build_pretraining(config: ml_collections.ConfigDict, total_steps: int, loader: Loader = ARRAYS):
   """MAE, MoCo v3, DMAE, RC-MAE: an encoder (random or from a checkpoint) plus their heads."""
   from moma_jax.models.heads import MlpHead
   from moma_jax.objectives.dmae import Dmae
@@ -205,7 +233,7 @@ def build_pretraining(config: ml_collections.ConfigDict, total_steps: int):
   decoder = None
   norm = input_norm(m)
   if m.checkpoint:
-    loaded = load_checkpoint(m.checkpoint, dtype=dtype(m.dtype), drop_path=m.drop_path)
+    loaded = loader.checkpoint(m.checkpoint, dtype=dtype(m.dtype), drop_path=m.drop_path)
     norm = input_norm(m, loaded)
     encoder = _encoder(loaded, f'model.checkpoint {m.checkpoint}')
     start['encoder'] = loaded.params['params']
@@ -247,14 +275,14 @@ def build_pretraining(config: ml_collections.ConfigDict, total_steps: int):
   else:  # dmae
     d = config.dmae
     if d.teacher:
-      t_loaded = load_checkpoint(d.teacher, dtype=dtype(d.teacher_dtype))
+      t_loaded = loader.checkpoint(d.teacher, dtype=dtype(d.teacher_dtype))
       teacher = _encoder(t_loaded, f'dmae.teacher {d.teacher}')
       frozen['teacher'] = t_loaded.params
       t_norm = t_loaded.normalization
       notes.append(f'teacher: {d.teacher}')
     else:
       teacher, frozen['teacher'] = _random_teacher(
-        d.teacher_variant, size, d.teacher_dtype, jax.random.key(config.seed + 1)
+        d.teacher_variant, size, d.teacher_dtype, jax.random.key(config.seed + 1), loader
       )
       t_norm = pretrained.IMAGENET
       notes.append(f'teacher: RANDOMLY INITIALISED {d.teacher_variant} (no dmae.teacher given)')
@@ -266,17 +294,25 @@ def build_pretraining(config: ml_collections.ConfigDict, total_steps: int):
   return objective, frozen, (start or None), notes
 
 
-def build_objective(config: ml_collections.ConfigDict, num_classes: int, total_steps: int):
+def build_objective(
+  config: ml_collections.ConfigDict,
+  num_classes: int,
+  total_steps: int,
+  steps_per_epoch: int | None = None,
+  loader: Loader = ARRAYS,
+):
+  """(objective, frozen, start params or None, notes). ``steps_per_epoch`` (DINO / MOKD's
+  per-epoch schedules): read from the dataset when not given."""
   if config.objective in ('dino', 'mokd'):  # multi-crop self-distillation (builders_dino.py)
     from moma_jax import builders_dino
 
-    return builders_dino.build(config, total_steps)
+    return builders_dino.build(config, total_steps, steps_per_epoch, loader)
   if config.objective == 'moma':
-    return build_moma(config)
+    return build_moma(config, loader)
   if config.objective == 'classification':
-    return build_classification(config, num_classes)
+    return build_classification(config, num_classes, loader)
   if config.objective in ('mae', 'mocov3', 'dmae', 'rc_mae'):
-    return build_pretraining(config, total_steps)
+    return build_pretraining(config, total_steps, loader)
   raise ValueError(
     f'unknown objective {config.objective!r}; one of moma, classification, mae, mocov3, dmae, '
     'rc_mae, dino, mokd'

@@ -27,13 +27,19 @@ def steps_per_epoch(config: ml_collections.ConfigDict) -> int:
   return max(1, src.total_examples // config.batch_size)
 
 
-def backbone(mc: ml_collections.ConfigDict, size: int, what: str, expect: str | None = None):
+def backbone(
+  mc: ml_collections.ConfigDict,
+  size: int,
+  what: str,
+  expect: str | None = None,
+  loader: builders.Loader = builders.ARRAYS,
+):
   """(model, start variables or None, input normalisation, note) for one backbone config
   (``arch`` = a ViT variant such as 'S/16' or a ResNet such as 'resnet50'; ``checkpoint``).
   ``expect`` ('vit' / 'resnet') refuses the other kind with one line."""
   dtype = builders.dtype(mc.dtype)
   if mc.checkpoint:
-    loaded = builders.load_checkpoint(mc.checkpoint)
+    loaded = loader.checkpoint(mc.checkpoint)
     m = loaded.model
     kind = 'resnet' if isinstance(m, resnet.ResNet) else 'vit'
     if expect and kind != expect:
@@ -70,10 +76,12 @@ def _check_size(model, size: int, what: str) -> None:
     builders._check_size(model, size, what)
 
 
-def build_dino(config: ml_collections.ConfigDict, total_steps: int):
+def build_dino(
+  config: ml_collections.ConfigDict, total_steps: int, per_epoch: int, loader: builders.Loader
+):
   d = config.dino
   size = config.data.image_size
-  model, start, norm, note = backbone(config.model, size, 'model')
+  model, start, norm, note = backbone(config.model, size, 'model', loader=loader)
   _check_size(model, size, 'the DINO backbone')
   views = pipeline.views_from_config(config.data.views)
   g_names, l_names = dino_lib.view_names(d.num_local)
@@ -86,7 +94,7 @@ def build_dino(config: ml_collections.ConfigDict, total_steps: int):
     dtype=builders.dtype(config.model.dtype),
   )
   objective = dino_lib.Dino(
-    model, head, total_steps=total_steps, steps_per_epoch=steps_per_epoch(config),
+    model, head, total_steps=total_steps, steps_per_epoch=per_epoch,
     num_local=d.num_local, student_temp=d.student_temp, teacher_temp=d.teacher_temp,
     warmup_teacher_temp=d.warmup_teacher_temp,
     warmup_teacher_temp_epochs=d.warmup_teacher_temp_epochs,
@@ -98,20 +106,29 @@ def build_dino(config: ml_collections.ConfigDict, total_steps: int):
                                 f'{l_size}px crops, {d.out_dim} prototypes']  # fmt: skip
 
 
-def build(config: ml_collections.ConfigDict, total_steps: int) -> tuple[Any, dict, Any, list[str]]:
+def build(
+  config: ml_collections.ConfigDict,
+  total_steps: int,
+  per_epoch: int | None = None,
+  loader: builders.Loader = builders.ARRAYS,
+) -> tuple[Any, dict, Any, list[str]]:
+  """DINO or MOKD; ``per_epoch``: the trainer's steps per epoch (read from the dataset if None)."""
+  per_epoch = per_epoch or steps_per_epoch(config)
   if config.objective == 'dino':
-    return build_dino(config, total_steps)
-  return build_mokd(config, total_steps)
+    return build_dino(config, total_steps, per_epoch, loader)
+  return build_mokd(config, total_steps, per_epoch, loader)
 
 
-def build_mokd(config: ml_collections.ConfigDict, total_steps: int):
+def build_mokd(
+  config: ml_collections.ConfigDict, total_steps: int, per_epoch: int, loader: builders.Loader
+):
   from moma_jax.objectives.mokd import Mokd
 
   k = config.mokd
   size = config.data.image_size
   dt = builders.dtype(config.vit.dtype)
-  cnn, cnn_start, cnn_norm, cnn_note = backbone(config.cnn, size, 'cnn', expect='resnet')
-  vit_model, vit_start, vit_norm, vit_note = backbone(config.vit, size, 'vit', expect='vit')
+  cnn, cnn_start, cnn_norm, cnn_note = backbone(config.cnn, size, 'cnn', 'resnet', loader)
+  vit_model, vit_start, vit_norm, vit_note = backbone(config.vit, size, 'vit', 'vit', loader)
   _check_size(vit_model, size, 'the MOKD ViT')
   views = pipeline.views_from_config(config.data.views)
   g_names, l_names = dino_lib.view_names(k.num_local)
@@ -138,7 +155,7 @@ def build_mokd(config: ml_collections.ConfigDict, total_steps: int):
     cnn=cnn, vit=vit_model, cnn_head=dino_head(True), vit_head=dino_head(False),
     cnn_search=TransHead(grid=g_size // cnn.stride, in_channels=cnn.out_dim, **search),
     vit_search=TransHead(grid=g_size // vit_model.patch_size, **search),
-    total_steps=total_steps, steps_per_epoch=steps_per_epoch(config), num_local=k.num_local,
+    total_steps=total_steps, steps_per_epoch=per_epoch, num_local=k.num_local,
     student_temp=k.student_temp, teacher_temp=k.teacher_temp,
     warmup_teacher_temp=k.warmup_teacher_temp,
     warmup_teacher_temp_epochs_cnn=k.warmup_teacher_temp_epochs_cnn,

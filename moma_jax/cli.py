@@ -6,11 +6,14 @@ Every config value can be overridden: --config.moma.mask_ratio=0.85 (a misspelt 
 On a multi-host TPU pod slice or a multi-node GPU cluster, pass --jax_distributed (the same command
 on every host). Re-running the same command in the same workdir resumes from its last checkpoint.
 --dry_run checks a command (config, data, checkpoints, model, optimizer) without training or
-writing anything.
+writing anything. --plan=v5litepod-8 (any Cloud TPU accelerator type or libtpu topology, or
+local) compiles the step for that hardware without having it and prints whether it fits, the
+roofline speed and the schedule's duration (moma_jax/plan.py); it needs no --workdir.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import logging as logging_std
 import os
 import re
@@ -33,7 +36,16 @@ _DRY_RUN = flags.DEFINE_bool(
   'check the command and stop before training: validate the config, open the dataset, load every '
   'checkpoint and build the model and optimizer, print the plan; nothing is written',
 )
-flags.mark_flags_as_required(['config', 'workdir'])
+_PLAN = flags.DEFINE_string(
+  'plan',
+  None,
+  'compile the train step for this hardware without having it and print the plan (memory per '
+  'chip, FLOPs, roofline speed, schedule time), training nothing: a Cloud TPU accelerator type '
+  '(v4-8, v5litepod-8, v5p-8, v6e-8), a libtpu topology (v5e:2x4, v5p:2x2x1), ",slices=N" for '
+  'multi-slice, or "local" (this machine\'s devices); needs libtpu for TPUs (pip install -e .[tpu])',
+)
+_PLAN_JSON = flags.DEFINE_string('plan_json', None, 'with --plan: also write the plan as JSON here')
+flags.mark_flag_as_required('config')
 
 
 def _usage_error(message: str) -> None:
@@ -111,12 +123,19 @@ def main(argv):
   from moma_jax import validate
 
   config = _CONFIG.value
+  if _PLAN.value is None and not _WORKDIR.value:
+    _usage_error('--workdir: give a directory for checkpoints, metrics and exports')
+  if _PLAN_JSON.value and _PLAN.value is None:
+    _usage_error('--plan_json: only with --plan=TARGET')
   try:  # before JAX is imported and before anything is written
-    validate.validate(config, _WORKDIR.value)
+    validate.validate(config, None if _PLAN.value else _WORKDIR.value)
   except validate.ConfigError as e:
     _usage_error(str(e))
   if flags.FLAGS.verbosity < 1:
     logging.get_absl_handler().python_handler.addFilter(_OwnInfoOnly())
+  if _PLAN.value is not None:
+    _plan(config, _PLAN.value, _PLAN_JSON.value)
+    return
   import jax
 
   if _DISTRIBUTED.value:
@@ -137,8 +156,40 @@ def main(argv):
     print('\n'.join(final['summary']))
 
 
+def _plan(config, where: str, json_path: str | None) -> None:
+  """--plan: compile for ``where`` and print the plan; exit 1 with one line when it does not fit."""
+  from moma_jax import hardware
+
+  if where != 'local':
+    try:
+      target = hardware.parse_target(where)
+    except ValueError as e:
+      _usage_error(str(e))
+    if importlib.util.find_spec('libtpu') is None:
+      _usage_error(
+        f'--plan={where}: compiling for a TPU needs libtpu; pip install -e .[tpu] (or '
+        '"jax[tpu]==<your jax version>")'
+      )
+    hardware.plan_environment(target)  # before JAX starts
+  from moma_jax import plan
+
+  try:
+    result = plan.make_plan(config, where)
+  except ValueError as e:  # a config the set-up refuses (batch vs chips, sizes, checkpoints)
+    _usage_error(str(e))
+  except plan.DoesNotFit as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(1)
+  print('\n'.join(plan.format_plan(result)))
+  if json_path:
+    plan.write_json(result, json_path)
+
+
 def run() -> None:
   """Console-script entry point (moma-train) and main.py's."""
+  from moma_jax import hardware
+
+  hardware.quiet_libtpu()
   app.run(main, argv=_resolve_config_arg(sys.argv), flags_parser=parse_flags)
 
 

@@ -30,9 +30,9 @@ import optax
 from absl import logging
 from clu import metric_writers, periodic_actions
 from jax.experimental import multihost_utils
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from moma_jax import builders, checkpointing, flops, images, optim, sharding, storage, summary
+from moma_jax import builders, checkpointing, hardware, images, optim, sharding, storage, summary
 from moma_jax.data import device, photometric, pipeline, sources
 from moma_jax.evaluators.classification import ClassificationEvaluator
 from moma_jax.evaluators.knn import KnnEvaluator, encoder_features, pixel_features
@@ -94,18 +94,27 @@ def make_train_step(
   return step
 
 
-def create_state(objective, tx, mesh, rules, rng, start_params=None):
-  """The train state, created directly sharded. Returns (state, shardings, abstract state)."""
-
+def _state_init(objective, tx):
   def init_state(key, start):
     params, extra = objective.init(key, start)
     zero = jnp.zeros((), jnp.int32)
     return TrainState(zero, params, extra, tx.init(params), zero)
 
-  abstract = jax.eval_shape(init_state, rng, start_params)
-  state_sharding = sharding.infer_shardings(abstract, mesh, rules)
-  state = jax.jit(init_state, out_shardings=state_sharding)(rng, start_params)
-  return state, state_sharding, abstract
+  return init_state
+
+
+def state_layout(objective, tx, mesh, rules, rng, start_params=None):
+  """(abstract state, its shardings): shapes by eval_shape, shardings from ``rules``; nothing is
+  allocated (``start_params`` may be arrays or ShapeDtypeStructs)."""
+  abstract = jax.eval_shape(_state_init(objective, tx), rng, start_params)
+  return abstract, sharding.infer_shardings(abstract, mesh, rules)
+
+
+def create_state(objective, tx, mesh, rules, rng, start_params=None):
+  """The train state, created directly sharded. Returns (state, shardings, abstract state)."""
+  abstract, state_sharding = state_layout(objective, tx, mesh, rules, rng, start_params)
+  init = jax.jit(_state_init(objective, tx), out_shardings=state_sharding)
+  return init(rng, start_params), state_sharding, abstract
 
 
 def jit_train_step(
@@ -424,6 +433,78 @@ def host_batches(
     done.set()
 
 
+# --- set-up shared by a run and a plan ------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Setup:
+  """Everything a run and a plan (moma_jax/plan.py) build the same way before any state exists,
+  so that what a plan compiles is what a run executes."""
+
+  mesh: Mesh
+  data_axes: tuple[str, ...]
+  per_host_batch: int
+  views: dict[str, Any]  # the ViewSpecs the objective reads
+  augment: Callable[[dict], dict] | None  # photometric augmentation inside the step, or None
+  objective: Any
+  frozen: Any  # frozen variables: arrays (a run) or ShapeDtypeStructs (a plan)
+  start_params: Any
+  notes: list[str]
+  tx: optax.GradientTransformation
+  schedule: Callable[[Any], Any]
+  peak_lr: float
+  total_steps: int
+  steps_per_epoch: int
+
+  def frozen_sharding(self, config) -> Any:
+    return sharding.infer_shardings(self.frozen, self.mesh, config.frozen_sharding_rules)
+
+  def batch_sharding(self) -> NamedSharding:
+    return device.batch_sharding(self.mesh, self.data_axes)
+
+  def train_step(self, config, state_sharding):
+    """The jitted update for this set-up (not yet compiled)."""
+    return jit_train_step(
+      self.objective, self.tx, self.schedule, self.mesh, state_sharding,
+      self.frozen_sharding(config), config.skip_nonfinite, self.augment,
+    )  # fmt: skip
+
+
+def build_setup(
+  config: ml_collections.ConfigDict,
+  devices: list[Any],
+  train_examples: int,
+  num_classes: int,
+  loader: builders.Loader = builders.ARRAYS,
+) -> Setup:
+  """Mesh over ``devices``, batch split, views, objective, optimizer: cheap checks first, before
+  any compilation; one-line ValueErrors. ``loader``: arrays for a run, shapes for a plan."""
+  mesh = sharding.make_mesh(dict(config.mesh), devices)
+  data_axes = sharding.data_axes(mesh)
+  per_host_batch = device.check_batch_size(config.batch_size, mesh, data_axes)
+  views = pipeline.views_from_config(config.data.views)
+  platform = mesh.devices.flat[0].platform
+  on_device = photometric.on_device(config.data.get('photometric', 'auto'), platform)
+  steps_per_epoch = max(1, train_examples // config.batch_size)
+  total_steps = config.num_train_steps or int(config.num_epochs * steps_per_epoch)
+  objective, frozen, start_params, notes = builders.build_objective(
+    config, num_classes, total_steps, steps_per_epoch, loader
+  )
+  missing_views = objective.required_views() - set(views)
+  if missing_views:
+    raise ValueError(f'data.views lacks {sorted(missing_views)}, which the objective reads')
+  for name in objective.required_views():
+    if views[name].size != config.data.image_size and not getattr(objective, 'multi_crop', False):
+      raise ValueError(f'view {name!r} must be data.image_size={config.data.image_size}px')
+  tx, schedule, peak_lr = make_optimizer(config, objective, total_steps, steps_per_epoch)
+  used = {k: views[k] for k in objective.required_views()}
+  augment = photometric.make_batch_fn(used) if on_device else None
+  return Setup(
+    mesh, data_axes, per_host_batch, used, augment, objective, frozen, start_params, notes, tx,
+    schedule, float(peak_lr), total_steps, steps_per_epoch,
+  )  # fmt: skip
+
+
 # --- the loop --------------------------------------------------------------------------------------
 
 
@@ -443,33 +524,19 @@ def train_and_evaluate(
         f'cannot reach --workdir {workdir} ({" ".join(str(e).split())[:300]}); check the bucket '
         'name, network access and credentials (gcloud auth application-default login)'
       ) from e
-  mesh = sharding.make_mesh(dict(config.mesh))
-  data_axes = sharding.data_axes(mesh)
-  per_host_batch = device.check_batch_size(config.batch_size, mesh, data_axes)
-  views = pipeline.views_from_config(config.data.views)
-  on_device = photometric.on_device(config.data.get('photometric', 'auto'))  # checked early
   train_src = sources.open_split(
     config.data.name, config.data.train_split, data_dir=config.data.data_dir,
     manual_dir=config.data.manual_dir,
   )  # fmt: skip
   train_src.random_access()  # a TFRecord-only copy: say how to convert it now, not after compiling
-  steps_per_epoch = max(1, train_src.total_examples // config.batch_size)
-  total_steps = config.num_train_steps or int(config.num_epochs * steps_per_epoch)
-  objective, frozen, start_params, notes = builders.build_objective(
-    config, train_src.num_classes, total_steps
-  )
-  missing_views = objective.required_views() - set(views)
-  if missing_views:
-    raise ValueError(f'data.views lacks {sorted(missing_views)}, which the objective reads')
-  for name in objective.required_views():
-    if views[name].size != config.data.image_size and not getattr(objective, 'multi_crop', False):
-      raise ValueError(f'view {name!r} must be data.image_size={config.data.image_size}px')
-  tx, schedule, peak_lr = make_optimizer(config, objective, total_steps, steps_per_epoch)
+  setup = build_setup(config, jax.devices(), train_src.total_examples, train_src.num_classes)
+  mesh, data_axes, objective, notes = setup.mesh, setup.data_axes, setup.objective, setup.notes
+  total_steps, steps_per_epoch = setup.total_steps, setup.steps_per_epoch
   evaluations = make_evaluations(config, objective, mesh, data_axes)
   if dry_run:
     plan = {
       'mesh': dict(mesh.shape), 'batch_size': config.batch_size, 'total_steps': total_steps,
-      'steps_per_epoch': steps_per_epoch, 'peak_lr': float(peak_lr),
+      'steps_per_epoch': steps_per_epoch, 'peak_lr': setup.peak_lr,
       'dataset': train_src.name, 'train_examples': train_src.total_examples,
       'gflops_per_step': objective.flops_per_example() * config.batch_size / 1e9,
     }  # fmt: skip
@@ -493,18 +560,17 @@ def train_and_evaluate(
     storage.write_text_atomic(workdir / 'config.json', config.to_json_best_effort(indent=2))
   logging.info(
     '%s: mesh %s, global batch %d (%d per host), %d steps (%d per epoch), peak lr %.3g',
-    config.name, dict(mesh.shape), config.batch_size, per_host_batch, total_steps,
-    steps_per_epoch, peak_lr,
+    config.name, dict(mesh.shape), config.batch_size, setup.per_host_batch, total_steps,
+    steps_per_epoch, setup.peak_lr,
   )  # fmt: skip
 
   # 2. State, created sharded.
   init_rng, train_rng = jax.random.split(jax.random.key(config.seed))
   state, state_sharding, abstract = create_state(
-    objective, tx, mesh, config.sharding_rules, init_rng, start_params
+    objective, setup.tx, mesh, config.sharding_rules, init_rng, setup.start_params
   )
-  del start_params
-  frozen_sharding = sharding.infer_shardings(frozen, mesh, config.frozen_sharding_rules)
-  frozen = jax.device_put(frozen, frozen_sharding)
+  setup.start_params = None  # the host copy of a checkpoint is no longer needed
+  frozen = setup.frozen = jax.device_put(setup.frozen, setup.frozen_sharding(config))
 
   # 3. Resume.
   start_index = 0
@@ -528,20 +594,17 @@ def train_and_evaluate(
   step = int(state.step)
 
   # 4. The loop.
-  batch_sharding = device.batch_sharding(mesh, data_axes)
-  used_views = {k: views[k] for k in objective.required_views()}
-  augment = photometric.make_batch_fn(used_views) if on_device else None
+  augment = setup.augment
   train_iter = pipeline.train_iterator(
-    train_src, used_views, batch_size=per_host_batch, seed=config.seed, start_index=start_index,
-    process_index=jax.process_index(), device_photometric=augment is not None,
+    train_src, setup.views, batch_size=setup.per_host_batch, seed=config.seed,
+    start_index=start_index, process_index=jax.process_index(),
+    device_photometric=augment is not None,
   )  # fmt: skip
 
-  train_step = jit_train_step(
-    objective, tx, schedule, mesh, state_sharding, frozen_sharding, config.skip_nonfinite, augment
-  )
+  train_step = setup.train_step(config, state_sharding)
   check = (lambda *_: None) if config.skip_nonfinite else _check_finite
   flops_per_step = objective.flops_per_example() * config.batch_size
-  peak = flops.peak_flops(jax.devices()[0].device_kind)
+  peak = hardware.peak_flops(jax.devices()[0].device_kind)
   report = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer)
 
   data_index = start_index
@@ -566,7 +629,7 @@ def train_and_evaluate(
   stop = min(total_steps, config.stop_at_step or total_steps)
   preemption = Preemption()
   host = host_batches(train_iter, preemption)
-  batches = device.prefetch_to_device(host, batch_sharding, size=1)
+  batches = device.prefetch_to_device(host, setup.batch_sharding(), size=1)
   preempted = False
   try:
     while step < stop:

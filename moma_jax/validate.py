@@ -311,9 +311,11 @@ def check_workdir(workdir: str) -> None:
     _fail('--workdir', workdir, f'{existing} is not writable; choose another directory')
 
 
-def validate(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """Raises ConfigError (one line) for the first setting that cannot work."""
-  check_workdir(workdir)
+def validate(config: ml_collections.ConfigDict, workdir: str | None) -> None:
+  """Raises ConfigError (one line) for the first setting that cannot work. ``workdir`` None: a
+  plan (--plan), which writes nothing and needs none."""
+  if workdir is not None:
+    check_workdir(workdir)
   _check_run(config)
   if 'optim' in config:
     _check_optim(config.optim)

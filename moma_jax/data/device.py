@@ -28,11 +28,10 @@ def check_batch_size(global_batch: int, mesh: Mesh, data_axes: tuple[str, ...]) 
       f'batch_size {global_batch} is not divisible by the {shards} data-parallel devices '
       f'(mesh axes {data_axes}); use a multiple of {shards}'
     )
-  if global_batch % jax.process_count():
-    raise ValueError(
-      f'batch_size {global_batch} is not divisible by the {jax.process_count()} processes'
-    )
-  return global_batch // jax.process_count()
+  processes = len({d.process_index for d in mesh.devices.flat})  # a plan's hosts, not ours
+  if global_batch % processes:
+    raise ValueError(f'batch_size {global_batch} is not divisible by the {processes} processes')
+  return global_batch // processes
 
 
 def batch_sharding(mesh: Mesh, data_axes: tuple[str, ...]) -> NamedSharding:

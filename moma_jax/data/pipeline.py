@@ -199,6 +199,18 @@ def train_iterator(
   return _Counting(ds.with_options(_options(threads)), start_index, source.name, describe)
 
 
+def batch_spec(
+  views: dict[str, ViewSpec], batch_size: int, device_photometric: bool = False
+) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+  """{key: (shape, dtype)} of the batches :func:`train_iterator` yields with these arguments:
+  what a plan (moma_jax/plan.py) compiles the step for without reading any data."""
+  spec = {name: ((batch_size, v.size, v.size, 3), np.dtype(np.uint8)) for name, v in views.items()}
+  spec['label'] = ((batch_size,), np.dtype(np.int32))
+  if device_photometric:
+    spec[AUG_SEED] = ((batch_size, 2), np.dtype(np.uint32))
+  return spec
+
+
 def eval_iterator(
   source: HostSplit,
   views: dict[str, ViewSpec],

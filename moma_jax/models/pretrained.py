@@ -292,11 +292,15 @@ def read_metadata(path: storage.PathLike) -> dict[str, Any]:
   return meta
 
 
-def load_pretrained(path: storage.PathLike, **model_overrides: Any) -> Pretrained:
+def load_pretrained(
+  path: storage.PathLike, shapes_only: bool = False, **model_overrides: Any
+) -> Pretrained:
   """Loads a directory written by ``python -m convert`` (or by the trainer's export).
 
   Args:
     path: the checkpoint directory.
+    shapes_only: read the metadata only; the variables are ShapeDtypeStructs (a plan: nothing
+      is read from the parameter files, nothing allocated).
     **model_overrides: non-shape ViT attributes to change, e.g. ``dtype=jnp.bfloat16``,
       ``attention_impl='cudnn'``, ``drop_path=0.1``.
 
@@ -308,6 +312,24 @@ def load_pretrained(path: storage.PathLike, **model_overrides: Any) -> Pretraine
   path = storage.resolve(path)  # orbax wants absolute paths
   meta = read_metadata(path)
   specs = {k: ComponentSpec(**v) for k, v in meta['components'].items()}
+  restored = None if shapes_only else _restore_params(path, meta)
+  components = {}
+  for name, spec in specs.items():
+    if restored is None:
+      variables = abstract_variables(spec)
+    elif name not in restored:
+      raise CheckpointMismatchError(f'{path}: component {name!r} is missing from the parameters')
+    else:
+      check_variables(abstract_variables(spec), restored[name], f'{path} component {name!r}')
+      variables = jax.tree.map(jnp.asarray, restored[name])
+    overrides = model_overrides if name == 'encoder' else {}
+    components[name] = Component(spec.build(**overrides), variables)
+  encoder = components.pop('encoder')
+  return Pretrained(encoder.module, encoder.variables, meta, components)
+
+
+def _restore_params(path: storage.Path, meta: dict[str, Any]) -> dict[str, Any]:
+  """The parameter arrays of a checkpoint directory, their hashes checked first (host numpy)."""
   params_dir = storage.Path(path) / PARAMS_DIR
   expected = meta.get('params_sha256')
   if expected is not None:
@@ -320,19 +342,9 @@ def load_pretrained(path: storage.PathLike, **model_overrides: Any) -> Pretraine
       )
   try:
     with ocp.StandardCheckpointer() as ckptr:
-      restored = ckptr.restore(params_dir)
+      return ckptr.restore(params_dir)
   except Exception as e:  # noqa: BLE001 -- orbax / tensorstore raise many types; one line for all
     msg = str(e).splitlines()[0] if str(e) else type(e).__name__
     raise CheckpointMismatchError(
       f'{path}: parameters unreadable (truncated or corrupt?): {msg}'
     ) from None
-  components = {}
-  for name, spec in specs.items():
-    if name not in restored:
-      raise CheckpointMismatchError(f'{path}: component {name!r} is missing from the parameters')
-    check_variables(abstract_variables(spec), restored[name], f'{path} component {name!r}')
-    variables = jax.tree.map(jnp.asarray, restored[name])
-    overrides = model_overrides if name == 'encoder' else {}
-    components[name] = Component(spec.build(**overrides), variables)
-  encoder = components.pop('encoder')
-  return Pretrained(encoder.module, encoder.variables, meta, components)

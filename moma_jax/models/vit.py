@@ -234,6 +234,8 @@ def stack_block_params(params: Mapping[str, Any], depth: int | None = None) -> d
   out = {k: v for k, v in params.items() if not re.fullmatch(r'blocks_\d+', k)}
 
   def stack(*xs):  # NumPy stays on the host (a checkpoint being loaded), arrays on their devices
+    if all(isinstance(x, jax.ShapeDtypeStruct) for x in xs):  # a plan's shapes
+      return jax.ShapeDtypeStruct((len(xs), *xs[0].shape), xs[0].dtype)
     return np.stack(xs) if all(isinstance(x, np.ndarray) for x in xs) else jnp.stack(xs)
 
   out['blocks'] = jax.tree.map(stack, *[params[f'blocks_{i}'] for i in found])

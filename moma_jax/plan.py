@@ -1,0 +1,331 @@
+"""Plan a run before renting the hardware: compile the real train step for a TPU slice that is not
+here, and say whether it fits, how fast it can go and how long the schedule takes.
+
+  python main.py --config=configs/moco_to_mae.py --plan=v5litepod-8 [--plan_json=PATH]
+
+The step is built by the trainer's own set-up (``train.build_setup``, ``train.state_layout``,
+``Setup.train_step``) over compile-only devices of libtpu's topology description
+(``jax.experimental.topologies.get_topology_desc``, as MaxText's train_compile.py), with every
+array abstract: checkpoints are read for their shapes only, no data is read, nothing is
+allocated. XLA's compile for the target gives the per-chip memory (``memory_analysis``) and the
+per-chip FLOPs and bytes accessed (``cost_analysis``); a step that does not fit raises
+RESOURCE_EXHAUSTED there, as it would on the pod.
+
+The speed is a roofline from the compiler's cost model, not a clock: a step takes at least
+max(FLOPs / peak bf16 FLOP/s, bytes accessed / HBM bandwidth) per chip, which bounds the MFU
+(the formula's model FLOPs over the chips' peak in that time). Collectives, the input pipeline
+and imperfect overlap only make a real step slower.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+import time
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from moma_jax import builders, hardware, storage, train
+from moma_jax.data import pipeline, sources
+from moma_jax.hardware import GiB
+
+# Train-split sizes of datasets a plan may name without having them here (tfds catalogue figures).
+KNOWN_SPLITS = {
+  ('imagenet2012', 'train'): (1_281_167, 1000),
+  ('imagenet2012', 'validation'): (50_000, 1000),
+  ('cifar10', 'train'): (50_000, 10),
+  ('cifar100', 'train'): (50_000, 100),
+  ('oxford_flowers102', 'train'): (1_020, 102),
+}
+
+
+class DoesNotFit(RuntimeError):
+  """The step needs more memory per chip than the target has (one line: by how much, and what
+  change makes it fit)."""
+
+
+def split_size(config: ml_collections.ConfigDict) -> tuple[int, int]:
+  """(train examples, classes) of the config's train split: the table above, else the split's
+  metadata (embedded data, an image folder, a prepared tfds dataset); no example is read."""
+  d = config.data
+  if (d.name, d.train_split) in KNOWN_SPLITS:
+    return KNOWN_SPLITS[(d.name, d.train_split)]
+  try:
+    src = sources.open_split(  # no manual_dir: never prepares a dataset
+      d.name, d.train_split, data_dir=d.data_dir, process_index=0, process_count=1
+    )
+  except sources.DataError as e:
+    raise ValueError(
+      f'{e}; a plan reads no data: give --config.num_train_steps (and the classes do not matter)'
+    ) from None
+  return src.total_examples, src.num_classes
+
+
+def target_devices(target: hardware.Target | None) -> list[Any]:
+  """Compile-only devices of ``target`` (None: this machine's own devices)."""
+  if target is None:
+    return jax.devices()
+  from jax.experimental import topologies
+
+  kwargs = {'chip_config_name': 'megacore'} if target.chip.megacore else {}
+  topo = topologies.get_topology_desc(
+    topology_name=target.topology,
+    platform='tpu',
+    chips_per_host_bounds=target.chips_per_host,
+    num_slices=target.num_slices,
+    **kwargs,
+  )
+  return list(topo.devices)
+
+
+def _shaped(tree: Any, shardings: Any) -> Any:
+  return jax.tree.map(
+    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
+  )
+
+
+def _models(objective: Any) -> list[str]:
+  """'name: variant dtype [remat]' for every model module of the objective (its dataclass fields
+  and its teachers), for the table."""
+  from flax import linen as nn
+
+  from moma_jax.models import resnet, vit
+
+  out = []
+
+  def describe(name: str, m: Any) -> None:
+    if isinstance(m, vit.ViT):
+      v = (
+        vit.name_variant(m.width, m.depth, m.num_heads, m.patch_size) or f'ViT {m.width}x{m.depth}'
+      )
+      remat = f', remat {m.remat}' if getattr(m, 'remat', 'none') != 'none' else ''
+      scan = ', scanned' if getattr(m, 'scan_blocks', False) else ''
+      out.append(f'{name} {v} {jax.numpy.dtype(m.dtype).name}{remat}{scan}')
+    elif isinstance(m, resnet.ResNet):
+      v = resnet.name_variant(m.block, m.stage_sizes, m.width, m.small_stem) or 'ResNet'
+      out.append(f'{name} {v} {jax.numpy.dtype(m.dtype).name}')
+
+  for f in dataclasses.fields(objective):
+    value = getattr(objective, f.name)
+    if isinstance(value, nn.Module):
+      describe(f.name, value)
+  for t_name, t in (getattr(objective, 'teachers', None) or {}).items():
+    describe(f'teacher {t_name}', t.model)
+  return out
+
+
+_OOM = re.compile(r'([\d.]+)([KMGT])i?B?\b.*?(?:exceeds|of)\D*([\d.]+)([KMGT])', re.S)
+_UNITS = {'K': 2**10, 'M': 2**20, 'G': 2**30, 'T': 2**40}
+
+
+def _oom_bytes(message: str) -> tuple[float, float] | None:
+  """(needed, available) bytes from XLA's RESOURCE_EXHAUSTED message, when it says them."""
+  m = _OOM.search(message)
+  if not m:
+    return None
+  return float(m.group(1)) * _UNITS[m.group(2)], float(m.group(3)) * _UNITS[m.group(4)]
+
+
+def _fixes(config: ml_collections.ConfigDict, fit_batch: int | None) -> list[str]:
+  """Config changes that lower the memory per chip, those that apply to this config."""
+  out = []
+  if fit_batch:
+    out.append(f'--config.batch_size={fit_batch} (estimated to fit)')
+  for key, value in (
+    ('student.remat', 'block'), ('teacher_dtype', 'bfloat16'), ('student.dtype', 'bfloat16'),
+    ('model.dtype', 'bfloat16'), ('classifier.dtype', 'bfloat16'),
+  ):  # fmt: skip
+    node, *rest = key.split('.')
+    cur = config.get(node)
+    if rest and isinstance(cur, ml_collections.ConfigDict):
+      cur = cur.get(rest[0])
+    if cur is not None and cur != value and not isinstance(cur, ml_collections.ConfigDict):
+      out.append(f'--config.{key}={value}')
+  if config.mesh.get('fsdp', 1) == 1:
+    out.append('--config.mesh.data=1 --config.mesh.fsdp=-1 (FSDP: parameters split over chips)')
+  return out
+
+
+def _largest_batch(per_chip: int, fixed: float, temp: float, capacity: float) -> int:
+  """Per-chip batch that fits if the temporaries grow in proportion to the batch (an estimate:
+  part of them, gradients and optimizer updates, does not grow); 0 when nothing fits."""
+  if temp <= 0:
+    return per_chip
+  return max(0, int((capacity - fixed) / (temp / per_chip)))
+
+
+def make_plan(config: ml_collections.ConfigDict, where: str) -> dict[str, Any]:
+  """Compiles the configured train step for ``where`` ('local' or a TPU, see
+  hardware.parse_target) and returns the plan's figures. Raises DoesNotFit when the step does
+  not fit in a chip's memory, ValueError (one line) for a bad target or config."""
+  target = None if where == 'local' else hardware.parse_target(where)
+  devices = target_devices(target)
+  chip = target.chip if target else hardware.chip_of(devices[0].device_kind)
+  train_examples, num_classes = split_size(config)
+  setup = train.build_setup(config, devices, train_examples, num_classes, builders.SHAPES)
+  rng = jax.random.key(config.seed)
+  abstract, state_sharding = train.state_layout(
+    setup.objective, setup.tx, setup.mesh, config.sharding_rules, rng, setup.start_params
+  )
+  batch = {
+    k: jax.ShapeDtypeStruct(shape, dtype, sharding=setup.batch_sharding())
+    for k, (shape, dtype) in pipeline.batch_spec(
+      setup.views, config.batch_size, setup.augment is not None
+    ).items()
+  }
+  repl = jax.sharding.NamedSharding(setup.mesh, jax.sharding.PartitionSpec())
+  key = jax.ShapeDtypeStruct(rng.shape, rng.dtype, sharding=repl)
+  args = (
+    _shaped(abstract, state_sharding), _shaped(setup.frozen, setup.frozen_sharding(config)), batch,
+    key,
+  )  # fmt: skip
+  chips = len(devices)
+  hosts = len({d.process_index for d in devices})
+  dp = int(np.prod([setup.mesh.shape[a] for a in setup.data_axes]))
+  per_chip = config.batch_size // dp
+  where_label = str(target) if target else f'local ({chips} x {devices[0].device_kind})'
+  t0 = time.perf_counter()
+  try:
+    compiled = setup.train_step(config, state_sharding).lower(*args).compile()
+  except Exception as e:  # noqa: BLE001  (XlaRuntimeError; its type moves between jax versions)
+    if 'RESOURCE_EXHAUSTED' not in str(e):
+      raise
+    found = _oom_bytes(str(e))
+    if found and chip:
+      need, have = found
+      over = f'{need / GiB:.2f} GiB per chip needed, {have / GiB:.2f} GiB available'
+    else:
+      over = ' '.join(str(e).split())[:200]
+    raise DoesNotFit(
+      f'the step does not fit on {where_label} at batch {config.batch_size} ({per_chip} per '
+      f'chip): {over}; try {", or ".join(_fixes(config, None))}'
+    ) from None
+  compile_s = time.perf_counter() - t0
+  mem = compiled.memory_analysis()
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  args_b, temp_b = mem.argument_size_in_bytes, mem.temp_size_in_bytes
+  out_b, alias_b, code_b = (
+    mem.output_size_in_bytes,
+    mem.alias_size_in_bytes,
+    mem.generated_code_size_in_bytes,
+  )
+  hbm = args_b + temp_b + out_b - alias_b + code_b
+  flops_chip = float(cost.get('flops', 0.0))
+  bytes_chip = float(cost.get('bytes accessed', 0.0))
+  formula = setup.objective.flops_per_example() * config.batch_size
+  plan: dict[str, Any] = {
+    'config': config.name,
+    'target': where_label,
+    'topology': target.topology if target else 'local',
+    'device_kind': devices[0].device_kind,
+    'chips': chips,
+    'hosts': hosts,
+    'mesh': dict(setup.mesh.shape),
+    'global_batch': config.batch_size,
+    'per_chip_batch': per_chip,
+    'per_host_batch': setup.per_host_batch,
+    'models': _models(setup.objective),
+    'photometric_on_device': setup.augment is not None,
+    'total_steps': setup.total_steps,
+    'steps_per_epoch': setup.steps_per_epoch,
+    'flops_per_step': flops_chip * chips,
+    'formula_flops_per_step': formula,
+    'bytes_accessed_per_chip': bytes_chip,
+    'hbm_bytes_per_chip': hbm,
+    'hbm': {
+      'arguments': args_b,
+      'temporaries': temp_b,
+      'outputs_not_donated': out_b - alias_b,
+      'code': code_b,
+    },  # fmt: skip
+    'compile_seconds': compile_s,
+  }
+  if chip is None:  # a CPU: nothing to compare with
+    plan.update(hbm_capacity_bytes=None, fits=None)
+    return plan
+  capacity = chip.hbm_bytes
+  fixed = hbm - temp_b
+  plan.update(
+    chip=chip.name, hbm_capacity_bytes=capacity, fits=hbm <= capacity,
+    largest_per_chip_batch_estimate=_largest_batch(per_chip, fixed, temp_b, capacity),
+  )  # fmt: skip
+  t_flops, t_bytes = flops_chip / chip.peak_bf16, bytes_chip / chip.hbm_bandwidth
+  step_s = max(t_flops, t_bytes)
+  plan.update(
+    peak_bf16_flops=chip.peak_bf16, hbm_bandwidth=chip.hbm_bandwidth,
+    flops_per_byte=flops_chip / bytes_chip if bytes_chip else math.inf, ridge=chip.ridge,
+    bound='compute' if t_flops >= t_bytes else 'memory', roofline_step_seconds=step_s,
+    images_per_second=config.batch_size / step_s if step_s else math.inf,
+    epoch_seconds=setup.steps_per_epoch * step_s, schedule_seconds=setup.total_steps * step_s,
+    mfu_bound=formula / chips / chip.peak_bf16 / step_s if step_s else 0.0,
+  )  # fmt: skip
+  if not plan['fits']:
+    fit = plan['largest_per_chip_batch_estimate'] * dp
+    raise DoesNotFit(
+      f'the step does not fit on {where_label} at batch {config.batch_size} ({per_chip} per '
+      f'chip): {hbm / GiB:.2f} GiB per chip needed, {capacity / GiB:.2f} GiB available '
+      f'({(hbm - capacity) / GiB:.2f} GiB over); try '
+      f'{", or ".join(_fixes(config, fit if 0 < fit < config.batch_size else None))}'
+    )
+  return plan
+
+
+def _gib(x: float) -> str:
+  return f'{x / GiB:.2f} GiB'
+
+
+def _duration(seconds: float) -> str:
+  if seconds >= 86400:
+    return f'{seconds / 86400:.1f} d'
+  if seconds >= 3600:
+    return f'{seconds / 3600:.1f} h'
+  if seconds >= 60:
+    return f'{seconds / 60:.1f} min'
+  return f'{seconds * 1000:.0f} ms' if seconds < 1 else f'{seconds:.1f} s'
+
+
+def format_plan(p: dict[str, Any]) -> list[str]:
+  """The plan as the table the command prints."""
+  h = p['hbm']
+  rows = [
+    ('target', f'{p["target"]}: {p["chips"]} chips, {p["hosts"]} hosts, {p["device_kind"]}'),
+    ('mesh', ', '.join(f'{k} {v}' for k, v in p['mesh'].items())),
+    ('batch', f'{p["global_batch"]} global, {p["per_chip_batch"]} per chip, '
+              f'{p["per_host_batch"]} per host'),
+    ('models', '; '.join(p['models'])),
+    ('HBM per chip', f'{_gib(p["hbm_bytes_per_chip"])}'
+     + (f' of {_gib(p["hbm_capacity_bytes"])}: {"fits" if p["fits"] else "DOES NOT FIT"}'
+        if p.get('hbm_capacity_bytes') else '')
+     + f' (arguments {_gib(h["arguments"])}, temporaries {_gib(h["temporaries"])}, '
+       f'outputs {_gib(h["outputs_not_donated"])}, code {_gib(h["code"])})'),
+    ('FLOPs per step', f'{p["flops_per_step"] / 1e12:.1f} TFLOP (XLA), '
+                       f'{p["formula_flops_per_step"] / 1e12:.1f} TFLOP (formula)'),
+    ('bytes per chip', f'{p["bytes_accessed_per_chip"] / 1e9:.1f} GB accessed per step'),
+  ]  # fmt: skip
+  if 'roofline_step_seconds' in p:
+    rows += [
+      ('roofline step', f'{_duration(p["roofline_step_seconds"])} ({p["bound"]}-bound: '
+                        f'{p["flops_per_byte"]:.0f} FLOP/byte, ridge {p["ridge"]:.0f}), '
+                        f'{p["images_per_second"]:,.0f} images/s'),
+      ('epoch / schedule', f'{_duration(p["epoch_seconds"])} per epoch '
+                           f'({p["steps_per_epoch"]} steps), {_duration(p["schedule_seconds"])} '
+                           f'for {p["total_steps"]} steps'),
+      ('MFU bound', f'{100 * p["mfu_bound"]:.0f}%'),
+      ('largest batch', f'~{p["largest_per_chip_batch_estimate"]} per chip (estimate: '
+                        'temporaries taken as proportional to the batch)'),
+    ]  # fmt: skip
+  rows.append(('compile', f'{p["compile_seconds"]:.0f} s on this machine'))
+  width = max(len(k) for k, _ in rows)
+  return [f'{p["config"]} planned (compiled, nothing run):'] + [
+    f'  {k:<{width}}  {v}' for k, v in rows
+  ]
+
+
+def write_json(plan: dict[str, Any], path: str) -> None:
+  storage.write_text_atomic(storage.Path(path), json.dumps(plan, indent=1, default=str))
