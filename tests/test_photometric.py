@@ -63,6 +63,34 @@ def test_blur_matches_scipy_with_reflect_padding(sigma):
   np.testing.assert_allclose(got, ref, atol=1e-5)
 
 
+def test_fused_jitter_positions_apply_the_four_operations_in_the_drawn_order():
+  """jitter_position (one formula for the three blends, hue by select) against the four
+  operations applied one after another in NumPy / TensorFlow, for every order's first position
+  and for two whole random orders."""
+  rng = np.random.RandomState(3)
+  x = rng.uniform(0, 1, (9, 7, 3)).astype(np.float32)
+  factors = (1.3, 0.6, 1.4, 0.08)
+
+  def reference(y, op):
+    if op == 0:
+      return np.clip(y * factors[0], 0, 1)
+    if op == 3:
+      return np.clip(tf.image.adjust_hue(y, factors[3]).numpy(), 0, 1)
+    gray = tf.image.rgb_to_grayscale(y).numpy()
+    centre = gray.mean() if op == 1 else gray
+    return np.clip((y - centre) * factors[op] + centre, 0, 1)
+
+  for op in range(4):
+    got = photometric.jitter_position(jnp.asarray(x), jnp.asarray(op), factors)
+    np.testing.assert_allclose(got, reference(x, op), atol=2e-5)
+  for order in ((2, 0, 3, 1), (3, 1, 0, 2)):
+    got, ref = jnp.asarray(x), x
+    for op in order:
+      got = photometric.jitter_position(got, jnp.asarray(op), factors)
+      ref = reference(ref, op)
+    np.testing.assert_allclose(got, ref, atol=5e-5)
+
+
 def _seeds(n, start=0):
   words = np.random.RandomState(start).randint(0, 2**32, size=(n, 2), dtype=np.uint64)
   return words.astype(np.uint32)

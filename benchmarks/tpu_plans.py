@@ -1,0 +1,119 @@
+r"""The Cloud TPU table of docs/tpu.md: every shipped full config planned (--plan) for several TPU
+slices in float32 and bfloat16 compute, one fresh process per plan, without a TPU.
+
+  python benchmarks/tpu_plans.py --out benchmarks/results/tpu            # plans missing ones
+  python benchmarks/tpu_plans.py --out benchmarks/results/tpu --table    # markdown from the JSONs
+
+Each plan is ``python main.py --config=CONFIG --plan=TARGET --plan_json=...`` (the command users
+run), so the table is what they would see. Resumable: a plan whose JSON exists is not redone. A
+step that does not fit is recorded with the command's one-line error. Each full-depth compile
+takes 1-5 min and 3-7 GiB of host RAM on this 2-core machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BF16 = {
+  'moma': ('--config.student.dtype=bfloat16', '--config.teacher_dtype=bfloat16'),
+  'pretrain': ('--config.model.dtype=bfloat16',),
+}
+CONFIGS = {  # name -> (config argument, kind)
+  'moco_to_mae': ('moco_to_mae', 'moma'),  # MoCo v3 B/16 -> MAE B/16
+  'mae_to_moco': ('mae_to_moco', 'moma'),  # MAE B/16 -> MoCo v3 B/16
+  'mae_to_moco L->B': ('mae_to_moco', 'moma'),  # Table 1 / 3: MAE L/16 teacher
+  'multi_teacher': ('multi_teacher', 'moma'),  # MAE + MoCo B/16 -> random B/16
+  'mae_pretrain': ('mae_pretrain', 'pretrain'),
+  'mocov3_pretrain': ('mocov3_pretrain', 'pretrain'),
+}
+EXTRA = {'mae_to_moco L->B': ('--config.teachers.mae.variant=L/16',)}
+TARGETS = ('v5litepod-8', 'v4-8', 'v5p-8', 'v5litepod-256', 'v5litepod-1')
+ORDER = [  # most wanted first: a sweep stopped early still answers the main questions
+  (c, t, d) for d in ('bfloat16', 'float32') for c in CONFIGS for t in TARGETS
+]
+
+
+def _file(out: str, config: str, target: str, dtype: str) -> str:
+  return os.path.join(out, f'{config.replace(" ", "_").replace(">", "")}__{target}__{dtype}.json')
+
+
+def run_one(out: str, config: str, target: str, dtype: str) -> None:
+  arg, kind = CONFIGS[config]
+  path = _file(out, config, target, dtype)
+  cmd = [
+    sys.executable, os.path.join(ROOT, 'main.py'), f'--config={arg}', f'--plan={target}',
+    f'--plan_json={path}', *EXTRA.get(config, ()), *(BF16[kind] if dtype == 'bfloat16' else ()),
+  ]  # fmt: skip
+  t0 = time.perf_counter()
+  r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+  wall = time.perf_counter() - t0
+  if r.returncode != 0:  # does not fit (exit 1), or a failure worth reading
+    err = (r.stderr.strip().splitlines() or ['?'])[-1]
+    with open(path, 'w') as f:
+      json.dump({'config': config, 'target': target, 'fits': False, 'error': err, 'wall': wall}, f)
+  else:
+    with open(path) as f:
+      plan = json.load(f)
+    plan.update(config=config, dtype=dtype, wall=wall)
+    with open(path, 'w') as f:
+      json.dump(plan, f, indent=1)
+  print(f'{config} {target} {dtype}: rc {r.returncode} in {wall:.0f} s', flush=True)
+
+
+def table(out: str) -> str:
+  rows = [
+    '| config | compute | target | fits | GiB / chip | roofline step | images/s | epoch | '
+    '100 epochs | FLOP/byte (ridge) | MFU bound | largest batch / chip (est.) |',
+    '|---|---|---|---|---|---|---|---|---|---|---|---|',
+  ]
+  for config, target, dtype in sorted(
+    ORDER, key=lambda k: (list(CONFIGS).index(k[0]), k[2], TARGETS.index(k[1]))
+  ):
+    path = _file(out, config, target, dtype)
+    if not os.path.exists(path):
+      continue
+    with open(path) as f:
+      p = json.load(f)
+    dt = 'bf16' if dtype == 'bfloat16' else 'f32'
+    if 'error' in p:
+      need = p['error'].split(': ', 2)[-1].split(';')[0]
+      rows.append(f'| {config} | {dt} | {target} | no: {need} | | | | | | | | |')
+      continue
+    gib = p['hbm_bytes_per_chip'] / 2**30
+    cap = p['hbm_capacity_bytes'] / 2**30
+    epochs100 = p['epoch_seconds'] * 100 / 3600
+    rows.append(
+      f'| {config} | {dt} | {target} | yes | {gib:.1f} of {cap:.1f} | '
+      f'{p["roofline_step_seconds"] * 1000:.0f} ms | {p["images_per_second"]:,.0f} | '
+      f'{p["epoch_seconds"] / 60:.1f} min | {epochs100:.1f} h | '
+      f'{p["flops_per_byte"]:.0f} ({p["ridge"]:.0f}) | {100 * p["mfu_bound"]:.0f}% | '
+      f'{p["largest_per_chip_batch_estimate"]} |'
+    )
+  return '\n'.join(rows)
+
+
+def main() -> None:
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument('--out', default=os.path.join(ROOT, 'benchmarks', 'results', 'tpu'))
+  ap.add_argument('--table', action='store_true', help='print the markdown table and exit')
+  ap.add_argument('--only', nargs='*', help='config names to plan (default: all)')
+  a = ap.parse_args()
+  if a.table:
+    print(table(a.out))
+    return
+  os.makedirs(a.out, exist_ok=True)
+  for config, target, dtype in ORDER:
+    if a.only and config not in a.only:
+      continue
+    if not os.path.exists(_file(a.out, config, target, dtype)):
+      run_one(a.out, config, target, dtype)
+
+
+if __name__ == '__main__':
+  main()
