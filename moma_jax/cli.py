@@ -123,10 +123,10 @@ def main(argv):
   from moma_jax import validate
 
   config = _CONFIG.value
-  if _PLAN.value is None and not _WORKDIR.value:
-    _usage_error('--workdir: give a directory for checkpoints, metrics and exports')
   if _PLAN_JSON.value and _PLAN.value is None:
     _usage_error('--plan_json: only with --plan=TARGET')
+  if _PLAN.value is None and not _WORKDIR.value:
+    _usage_error('--workdir: give a directory for checkpoints, metrics and exports')
   try:  # before JAX is imported and before anything is written
     validate.validate(config, None if _PLAN.value else _WORKDIR.value)
   except validate.ConfigError as e:

@@ -205,3 +205,6 @@ def plan_environment(target: Target) -> None:
   os.environ['TPU_SKIP_MDS_QUERY'] = '1'
   os.environ.setdefault('TPU_ACCELERATOR_TYPE', target.accelerator_type)
   os.environ.setdefault('TPU_WORKER_HOSTNAMES', 'localhost')
+  # libtpu takes a machine-wide lock at start-up, for the chips; compile-only devices have none,
+  # and without this a second plan (or a test worker) fails while the first one compiles.
+  os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')

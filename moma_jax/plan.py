@@ -89,6 +89,15 @@ def _shaped(tree: Any, shardings: Any) -> Any:
   )
 
 
+def _bytes_per_chip(tree: Any) -> int:
+  """Bytes of one chip's shards of ShapeDtypeStructs that carry their shardings."""
+  return sum(
+    math.prod(x.sharding.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize
+    for x in jax.tree.leaves(tree)
+    if not jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+  )
+
+
 def _models(objective: Any) -> list[str]:
   """'name: variant dtype [remat]' for every model module of the objective (its dataclass fields
   and its teachers), for the table."""
@@ -131,10 +140,14 @@ def _oom_bytes(message: str) -> tuple[float, float] | None:
   return float(m.group(1)) * _UNITS[m.group(2)], float(m.group(3)) * _UNITS[m.group(4)]
 
 
-def _fixes(config: ml_collections.ConfigDict, fit_batch: int | None) -> list[str]:
+def _pow2_floor(x: float) -> int:
+  return 2 ** int(math.floor(math.log2(x))) if x >= 1 else 0
+
+
+def _fixes(config: ml_collections.ConfigDict, fit_batch: int | None, chips: int) -> list[str]:
   """Config changes that lower the memory per chip, those that apply to this config."""
   out = []
-  if fit_batch:
+  if fit_batch and fit_batch < config.batch_size:
     out.append(f'--config.batch_size={fit_batch} (estimated to fit)')
   for key, value in (
     ('student.remat', 'block'), ('teacher_dtype', 'bfloat16'), ('student.dtype', 'bfloat16'),
@@ -146,7 +159,7 @@ def _fixes(config: ml_collections.ConfigDict, fit_batch: int | None) -> list[str
       cur = cur.get(rest[0])
     if cur is not None and cur != value and not isinstance(cur, ml_collections.ConfigDict):
       out.append(f'--config.{key}={value}')
-  if config.mesh.get('fsdp', 1) == 1:
+  if config.mesh.get('fsdp', 1) == 1 and chips > 1:
     out.append('--config.mesh.data=1 --config.mesh.fsdp=-1 (FSDP: parameters split over chips)')
   return out
 
@@ -195,15 +208,16 @@ def make_plan(config: ml_collections.ConfigDict, where: str) -> dict[str, Any]:
   except Exception as e:  # noqa: BLE001  (XlaRuntimeError; its type moves between jax versions)
     if 'RESOURCE_EXHAUSTED' not in str(e):
       raise
-    found = _oom_bytes(str(e))
-    if found and chip:
+    found, fit = _oom_bytes(str(e)), None
+    if found:
       need, have = found
       over = f'{need / GiB:.2f} GiB per chip needed, {have / GiB:.2f} GiB available'
+      fit = _pow2_floor(per_chip * have / need) * dp  # activations dominate: about linear
     else:
       over = ' '.join(str(e).split())[:200]
     raise DoesNotFit(
       f'the step does not fit on {where_label} at batch {config.batch_size} ({per_chip} per '
-      f'chip): {over}; try {", or ".join(_fixes(config, None))}'
+      f'chip): {over}; try {", or ".join(_fixes(config, fit, chips))}'
     ) from None
   compile_s = time.perf_counter() - t0
   mem = compiled.memory_analysis()
@@ -243,7 +257,11 @@ def make_plan(config: ml_collections.ConfigDict, where: str) -> dict[str, Any]:
       'temporaries': temp_b,
       'outputs_not_donated': out_b - alias_b,
       'code': code_b,
-    },  # fmt: skip
+    },
+    # the arguments by kind: trained state (parameters + optimizer), frozen teachers, batch
+    'state_bytes_per_chip': _bytes_per_chip(args[0]),
+    'frozen_bytes_per_chip': _bytes_per_chip(args[1]),
+    'batch_bytes_per_chip': _bytes_per_chip(args[2]),
     'compile_seconds': compile_s,
   }
   if chip is None:  # a CPU: nothing to compare with
@@ -266,12 +284,11 @@ def make_plan(config: ml_collections.ConfigDict, where: str) -> dict[str, Any]:
     mfu_bound=formula / chips / chip.peak_bf16 / step_s if step_s else 0.0,
   )  # fmt: skip
   if not plan['fits']:
-    fit = plan['largest_per_chip_batch_estimate'] * dp
+    fit = _pow2_floor(plan['largest_per_chip_batch_estimate']) * dp
     raise DoesNotFit(
       f'the step does not fit on {where_label} at batch {config.batch_size} ({per_chip} per '
       f'chip): {hbm / GiB:.2f} GiB per chip needed, {capacity / GiB:.2f} GiB available '
-      f'({(hbm - capacity) / GiB:.2f} GiB over); try '
-      f'{", or ".join(_fixes(config, fit if 0 < fit < config.batch_size else None))}'
+      f'({(hbm - capacity) / GiB:.2f} GiB over); try {", or ".join(_fixes(config, fit, chips))}'
     )
   return plan
 
@@ -302,8 +319,10 @@ def format_plan(p: dict[str, Any]) -> list[str]:
     ('HBM per chip', f'{_gib(p["hbm_bytes_per_chip"])}'
      + (f' of {_gib(p["hbm_capacity_bytes"])}: {"fits" if p["fits"] else "DOES NOT FIT"}'
         if p.get('hbm_capacity_bytes') else '')
-     + f' (arguments {_gib(h["arguments"])}, temporaries {_gib(h["temporaries"])}, '
-       f'outputs {_gib(h["outputs_not_donated"])}, code {_gib(h["code"])})'),
+     + f' (arguments {_gib(h["arguments"])}: state {_gib(p["state_bytes_per_chip"])}, frozen '
+       f'{_gib(p["frozen_bytes_per_chip"])}, batch {_gib(p["batch_bytes_per_chip"])}; temporaries '
+       f'{_gib(h["temporaries"])}, outputs {_gib(h["outputs_not_donated"])}, code '
+       f'{_gib(h["code"])})'),
     ('FLOPs per step', f'{p["flops_per_step"] / 1e12:.1f} TFLOP (XLA), '
                        f'{p["formula_flops_per_step"] / 1e12:.1f} TFLOP (formula)'),
     ('bytes per chip', f'{p["bytes_accessed_per_chip"] / 1e9:.1f} GB accessed per step'),

@@ -137,5 +137,16 @@ class MocoV3:
     f = flops.vit_forward_flops(
       e.width, e.depth, e.mlp_dim, 1 + e.num_patches, e.patch_size**2 * 3, e.num_patches
     )
-    # per view: base fwd + bwd (3x) and momentum fwd (1x); heads are negligible
-    return 2 * (3 * f + f)
+    # per view: base encoder + projector + predictor fwd + bwd (3x), momentum encoder +
+    # projector fwd (1x). The 4096-wide heads are ~1% of a ViT-B's FLOPs, more for small encoders.
+    proj, pred = (
+      _mlp_flops(self.projector, e.width),
+      _mlp_flops(self.predictor, self.projector.out_dim),
+    )
+    return 2 * (3 * (f + proj + pred) + f + proj)
+
+
+def _mlp_flops(head, in_dim: int) -> float:
+  """Forward FLOPs of an MlpHead (its Linear layers) on one example."""
+  dims = [in_dim] + [head.hidden_dim] * (head.num_layers - 1) + [head.out_dim]
+  return 2.0 * sum(a * b for a, b in zip(dims[:-1], dims[1:], strict=True))
