@@ -184,6 +184,10 @@ def moma_config(name: str, args: ml_collections.ConfigDict) -> ml_collections.Co
   )
   c.teachers = ml_collections.ConfigDict()
   c.teacher_dtype = 'float32'
+  # The teachers' attention: 'xla'; 'flash' (TPU: JAX's Pallas flash-attention kernel, which never
+  # writes the [B, H, 197, 197] scores to HBM; 7% less HBM traffic per B/16 step by the plan's cost
+  # model, never run on a TPU yet: docs/tpu.md); 'cudnn' (GPU, bf16 only).
+  c.teacher_attention = 'xla'
   c.teacher_scan = False  # nn.scan over the teachers' blocks: one compiled block (L/16, H/14)
   c.moma = dict(
     mask_ratio=0.9,

@@ -156,6 +156,7 @@ def build_moma(
         f'teacher {name}: RANDOMLY INITIALISED {tc.variant} (no checkpoint given): this run '
         'exercises the code, it does not distil a real self-supervised teacher'
       )
+    model = model.clone(attention_impl=config.get('teacher_attention', 'xla'))
     if config.teacher_scan:  # the same weights, stacked for nn.scan (tested equal to the plain ViT)
       model = model.clone(scan_blocks=True)
       frozen[name] = vit.stack_block_params(frozen[name], model.depth)

@@ -204,7 +204,8 @@ def make_plan(config: ml_collections.ConfigDict, where: str) -> dict[str, Any]:
   where_label = str(target) if target else f'local ({chips} x {devices[0].device_kind})'
   t0 = time.perf_counter()
   try:
-    compiled = setup.train_step(config, state_sharding).lower(*args).compile()
+    with jax.set_mesh(setup.mesh):  # as the run traces it (Pallas kernels read the mesh)
+      compiled = setup.train_step(config, state_sharding).lower(*args).compile()
   except Exception as e:  # noqa: BLE001  (XlaRuntimeError; its type moves between jax versions)
     if 'RESOURCE_EXHAUSTED' not in str(e):
       raise

@@ -543,7 +543,14 @@ def train_and_evaluate(
     for note in notes:
       logging.info('%s', note)
     return {'summary': [f'{config.name}: dry run, nothing written; ' + _format(plan)]}
+  with jax.set_mesh(mesh):  # the mesh in context while tracing (Pallas kernels shard_map over it)
+    return _train(config, workdir, setup, train_src, evaluations)
 
+
+def _train(config, workdir, setup: Setup, train_src, evaluations: list[Evaluation]) -> dict:
+  """Stages 2-5 of train_and_evaluate: state, resume, the loop, final save / export / evals."""
+  mesh, objective, notes = setup.mesh, setup.objective, setup.notes
+  total_steps, steps_per_epoch = setup.total_steps, setup.steps_per_epoch
   workdir.mkdir(parents=True, exist_ok=True)
   ckpt = checkpointing.Checkpointer(workdir / 'checkpoints', keep=config.keep_checkpoints)
   latest = ckpt.latest_step()

@@ -137,8 +137,12 @@ def test_fsdp_and_two_slices_compile():
     {'config': 'moco_to_mae', 'target': 'v5litepod-8',
      'overrides': {'mesh': {'data': 1, 'fsdp': -1}}},
     {'config': 'moco_to_mae', 'target': 'v5e:2x2,slices=2'},
+    {'config': 'moco_to_mae', 'target': 'v5litepod-8',
+     'overrides': {'mesh': {'data': 2, 'fsdp': -1}, 'teacher_attention': 'flash'}},
   ])  # fmt: skip
-  dp, fsdp, slices = plans
+  dp, fsdp, slices, flash = plans
+  # The teacher's Pallas flash attention compiles for the TPU, shard_mapped over a mixed mesh.
+  assert flash['mesh'] == {'data': 2, 'fsdp': 4} and flash['fits'], flash
   assert fsdp['mesh'] == {'data': 1, 'fsdp': 8} and fsdp['fits']
   # FSDP splits the trained parameters and the optimizer state over the 8 chips (the teacher is
   # split too: frozen_sharding_rules), so far less of them sits on each chip.

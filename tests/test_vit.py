@@ -252,3 +252,29 @@ def test_scanned_bfloat16_keeps_float32_params():
   assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(variables))
   out, aux = model.apply(variables, x)
   assert out.dtype == jnp.bfloat16 and aux['block_1'].dtype == jnp.bfloat16
+
+
+def test_tpu_flash_attention_matches_numpy_and_the_xla_model():
+  """attention_impl='flash' (the Pallas TPU kernel, run by its interpreter on the CPU; 197 tokens
+  padded to 256 behind segment ids) against NumPy softmax attention, and a whole ViT against the
+  same weights with XLA's attention; also under a mesh (the kernel shard_mapped over the batch)."""
+  from jax.experimental.pallas import tpu as pltpu
+
+  rng = np.random.RandomState(0)
+  q, k, v = (rng.normal(size=(2, 197, 3, 16)).astype(np.float32) for _ in range(3))
+  s = np.einsum('bthd,bshd->bhts', q, k) / 4.0
+  p = np.exp(s - s.max(-1, keepdims=True))
+  ref = np.einsum('bhts,bshd->bthd', p / p.sum(-1, keepdims=True), v)
+  model = _tiny(image_size=56, patch_size=4)  # 196 patches + CLS, as a 224 px ViT-*/16
+  images = jnp.asarray(rng.uniform(size=(2, 56, 56, 3)).astype(np.float32))
+  variables = jax.jit(model.init)(jax.random.key(0), images)
+  plain = model.apply(variables, images)[0]
+  mesh = jax.make_mesh((2,), ('data',), axis_types=(jax.sharding.AxisType.Auto,))
+  with pltpu.force_tpu_interpret_mode():
+    got = vit.tpu_flash_attention(*map(jnp.asarray, (q, k, v)))
+    flash = model.clone(attention_impl='flash').apply(variables, images)[0]
+    with jax.set_mesh(mesh):
+      sharded = jax.jit(model.clone(attention_impl='flash').apply)(variables, images)[0]
+  np.testing.assert_allclose(got, ref, atol=2e-6)
+  np.testing.assert_allclose(flash, plain, atol=2e-5)
+  np.testing.assert_allclose(sharded, plain, atol=2e-5)

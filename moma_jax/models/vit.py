@@ -129,12 +129,50 @@ def _dense(features: int, dtype: DType, name: str, use_bias: bool = True) -> nn.
   )
 
 
+def tpu_flash_attention(q: Array, k: Array, v: Array) -> Array:
+  """Softmax attention [B, T, H, D] x3 -> [B, T, H, D] through JAX's Pallas TPU flash-attention
+  kernel (jax.experimental.pallas.ops.tpu), which never writes the [B, H, T, T] scores to HBM.
+
+  Why: XLA's attention on a TPU materialises the scores, in float32 for the softmax; for a frozen
+  B/16 teacher on 197 tokens that was half of a MOMA step's HBM traffic (docs/tpu.md). The kernel
+  wants sequence blocks of 128: T is padded to a multiple of 128 and segment ids keep the real
+  queries off the padded keys (the padded queries' rows are dropped). Forward and backward.
+  """
+  from jax.experimental.pallas.ops.tpu import flash_attention as fa
+
+  t, d = q.shape[1], q.shape[3]
+  padded = -(-t // 128) * 128
+
+  def heads_first(x):
+    return jnp.pad(x.transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, padded - t), (0, 0)))
+
+  def kernel(q, k, v):
+    segments = jnp.broadcast_to((jnp.arange(padded) < t).astype(jnp.int32), (q.shape[0], padded))
+    out = fa.flash_attention(
+      heads_first(q), heads_first(k), heads_first(v),
+      segment_ids=fa.SegmentIds(segments, segments), sm_scale=d**-0.5,
+    )  # fmt: skip
+    return out[:, :, :t].transpose(0, 2, 1, 3)
+
+  # A Pallas kernel is not partitioned by XLA: under a mesh (jax.set_mesh, as the trainer and the
+  # planner trace), each device runs it on its part of the batch, split over every mesh axis.
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return kernel(q, k, v)
+  spec = jax.sharding.PartitionSpec(tuple(mesh.axis_names))
+  return jax.shard_map(kernel, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec, check_vma=False)(
+    q, k, v
+  )
+
+
 class Attention(nn.Module):
   """Multi-head self-attention with a fused qkv projection (rows stacked [q; k; v])."""
 
   num_heads: int
   dtype: DType = jnp.float32
-  implementation: str | None = None  # None lets XLA pick; 'cudnn' for the fused GPU kernel.
+  # None / 'xla': XLA's attention; 'cudnn': the fused GPU kernel; 'flash': the Pallas TPU kernel
+  # (tpu_flash_attention; TPU only, or pltpu.force_tpu_interpret_mode() on a CPU).
+  implementation: str | None = None
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
@@ -145,7 +183,10 @@ class Attention(nn.Module):
     qkv = qkv.reshape(b, t, 3, self.num_heads, d // self.num_heads)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, T, H, hd]
     # Default scale is head_dim ** -0.5, as in timm.
-    out = jax.nn.dot_product_attention(q, k, v, implementation=self.implementation)
+    if self.implementation == 'flash':
+      out = tpu_flash_attention(q, k, v)
+    else:
+      out = jax.nn.dot_product_attention(q, k, v, implementation=self.implementation)
     return _dense(d, self.dtype, 'proj')(out.reshape(b, t, d))
 
 
@@ -266,7 +307,8 @@ class ViT(nn.Module):
       patch tokens, then ``fc_norm``; no final ``norm``).
     drop_path: maximum stochastic-depth rate, linearly increasing over blocks.
     dtype: compute dtype of matmuls (parameters stay float32).
-    attention_impl: passed to ``jax.nn.dot_product_attention`` (None, 'xla' or 'cudnn').
+    attention_impl: None / 'xla' (XLA's attention), 'cudnn' (GPU) or 'flash' (the Pallas TPU
+      kernel, tpu_flash_attention).
     remat: 'none', or 'block' to recompute each block's activations in the backward pass
       (``nn.remat``; only the block inputs are kept, under ``remat_policy``).
     remat_policy: name of a ``jax.checkpoint_policies`` entry; the default 'nothing_saveable'
