@@ -35,8 +35,11 @@ CONFIGS = {  # name -> (config argument, kind)
 EXTRA = {'mae_to_moco L->B': ('--config.teachers.mae.variant=L/16',)}
 TARGETS = ('v5litepod-8', 'v4-8', 'v5p-8', 'v5litepod-256', 'v5litepod-1')
 ORDER = [  # most wanted first: a sweep stopped early still answers the main questions
-  (c, t, d) for d in ('bfloat16', 'float32') for c in CONFIGS for t in TARGETS
+  *[('moco_to_mae', t, d) for d in ('bfloat16', 'float32') for t in TARGETS],
+  *[(c, t, 'bfloat16') for c in list(CONFIGS)[1:] for t in ('v5litepod-8', 'v5p-8')],
+  *[(c, t, d) for d in ('bfloat16', 'float32') for c in CONFIGS for t in TARGETS],
 ]
+ORDER = list(dict.fromkeys(ORDER))
 
 
 def _file(out: str, config: str, target: str, dtype: str) -> str:

@@ -131,28 +131,30 @@ def _dense(features: int, dtype: DType, name: str, use_bias: bool = True) -> nn.
 
 def tpu_flash_attention(q: Array, k: Array, v: Array) -> Array:
   """Softmax attention [B, T, H, D] x3 -> [B, T, H, D] through JAX's Pallas TPU flash-attention
-  kernel (jax.experimental.pallas.ops.tpu), which never writes the [B, H, T, T] scores to HBM.
+  kernel (jax.experimental.pallas.ops.tpu), which never writes the [B, H, T, T] scores to HBM."""
+  heads_first = lambda x: x.transpose(0, 2, 1, 3)  # noqa: E731
+  return heads_first(_flash_heads_first(heads_first(q), heads_first(k), heads_first(v)))
 
-  Why: XLA's attention on a TPU materialises the scores, in float32 for the softmax; for a frozen
-  B/16 teacher on 197 tokens that was half of a MOMA step's HBM traffic (docs/tpu.md). The kernel
-  wants sequence blocks of 128: T is padded to a multiple of 128 and segment ids keep the real
-  queries off the padded keys (the padded queries' rows are dropped). Forward and backward.
+
+def _flash_heads_first(q: Array, k: Array, v: Array) -> Array:
+  """tpu_flash_attention on [B, H, T, D] (the kernel's own layout).
+
+  Why: XLA's attention on a TPU writes the [B, H, T, T] scores to HBM, in float32 for the
+  softmax. The kernel wants sequence blocks of 128: T is padded to a multiple of 128 and segment
+  ids keep the real queries off the padded keys (the padded queries' rows are dropped).
   """
   from jax.experimental.pallas.ops.tpu import flash_attention as fa
 
-  t, d = q.shape[1], q.shape[3]
+  t, d = q.shape[2], q.shape[3]
   padded = -(-t // 128) * 128
 
-  def heads_first(x):
-    return jnp.pad(x.transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, padded - t), (0, 0)))
-
   def kernel(q, k, v):
+    pad = lambda x: jnp.pad(x, ((0, 0), (0, 0), (0, padded - t), (0, 0)))  # noqa: E731
     segments = jnp.broadcast_to((jnp.arange(padded) < t).astype(jnp.int32), (q.shape[0], padded))
     out = fa.flash_attention(
-      heads_first(q), heads_first(k), heads_first(v),
-      segment_ids=fa.SegmentIds(segments, segments), sm_scale=d**-0.5,
-    )  # fmt: skip
-    return out[:, :, :t].transpose(0, 2, 1, 3)
+      pad(q), pad(k), pad(v), segment_ids=fa.SegmentIds(segments, segments), sm_scale=d**-0.5
+    )
+    return out[:, :, :t]
 
   # A Pallas kernel is not partitioned by XLA: under a mesh (jax.set_mesh, as the trainer and the
   # planner trace), each device runs it on its part of the batch, split over every mesh axis.
@@ -163,6 +165,46 @@ def tpu_flash_attention(q: Array, k: Array, v: Array) -> Array:
   return jax.shard_map(kernel, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec, check_vma=False)(
     q, k, v
   )
+
+
+class _HeadsIn(nn.Module):
+  """The fused qkv projection (a Dense of width 3 d, rows stacked [q; k; v]: the same parameters
+  as nn.Dense, named 'qkv') computed as three projections straight into the attention's layout:
+  no [B, T, 3 d] tensor to slice and re-lay out (two full copies per block on a TPU)."""
+
+  num_heads: int
+  dtype: DType
+  heads_first: bool  # [B, H, T, hd] (the flash kernel's layout), else [B, T, H, hd]
+
+  @nn.compact
+  def __call__(self, x: Array) -> tuple[Array, Array, Array]:
+    d = x.shape[-1]
+    kernel = self.param('kernel', nn.initializers.xavier_uniform(), (d, 3 * d), jnp.float32)
+    bias = self.param('bias', nn.initializers.zeros, (3 * d,), jnp.float32)
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+    hd = d // self.num_heads
+    kernel = kernel.reshape(d, 3, self.num_heads, hd)
+    bias = bias.reshape(3, self.num_heads, hd)
+    if self.heads_first:
+      return tuple(
+        jnp.einsum('btd,dhk->bhtk', x, kernel[:, i]) + bias[i][:, None, :] for i in range(3)
+      )
+    return tuple(jnp.einsum('btd,dhk->bthk', x, kernel[:, i]) + bias[i] for i in range(3))
+
+
+class _HeadsOut(nn.Module):
+  """The output projection (nn.Dense's parameters, named 'proj') straight from [B, H, T, hd]."""
+
+  dtype: DType
+
+  @nn.compact
+  def __call__(self, out: Array) -> Array:
+    h, hd = out.shape[1], out.shape[3]
+    d = h * hd
+    kernel = self.param('kernel', nn.initializers.xavier_uniform(), (d, d), jnp.float32)
+    bias = self.param('bias', nn.initializers.zeros, (d,), jnp.float32)
+    out, kernel, bias = nn.dtypes.promote_dtype(out, kernel, bias, dtype=self.dtype)
+    return jnp.einsum('bhtk,hkd->btd', out, kernel.reshape(h, hd, d)) + bias
 
 
 class Attention(nn.Module):
@@ -179,14 +221,12 @@ class Attention(nn.Module):
     b, t, d = x.shape
     if d % self.num_heads:
       raise ValueError(f'width {d} is not divisible by num_heads {self.num_heads}')
-    qkv = _dense(3 * d, self.dtype, 'qkv')(x)
-    qkv = qkv.reshape(b, t, 3, self.num_heads, d // self.num_heads)
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, T, H, hd]
+    flash = self.implementation == 'flash'
+    q, k, v = _HeadsIn(self.num_heads, self.dtype, heads_first=flash, name='qkv')(x)
+    if flash:
+      return _HeadsOut(self.dtype, name='proj')(_flash_heads_first(q, k, v))
     # Default scale is head_dim ** -0.5, as in timm.
-    if self.implementation == 'flash':
-      out = tpu_flash_attention(q, k, v)
-    else:
-      out = jax.nn.dot_product_attention(q, k, v, implementation=self.implementation)
+    out = jax.nn.dot_product_attention(q, k, v, implementation=self.implementation)
     return _dense(d, self.dtype, 'proj')(out.reshape(b, t, d))
 
 
