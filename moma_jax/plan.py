@@ -98,6 +98,61 @@ def _bytes_per_chip(tree: Any) -> int:
   )
 
 
+_DTYPE_BYTES = {
+  'pred': 1, 's8': 1, 'u8': 1, 'bf16': 2, 'f16': 2, 's16': 2, 'u16': 2, 'f32': 4, 's32': 4,
+  'u32': 4, 'f64': 8, 's64': 8, 'u64': 8,
+}  # fmt: skip
+_SHAPE = re.compile(r'\b(' + '|'.join(_DTYPE_BYTES) + r')\[([\d,]*)\]')
+_INSTRUCTION = re.compile(r'\s+(?:ROOT )?%(\S+) = (.*?) ([a-z][a-z0-9-]*)\((.*)$')
+_FREE = {
+  'parameter', 'constant', 'get-tuple-element', 'tuple', 'bitcast', 'while', 'call',
+  'conditional', 'copy-done', 'slice-done', 'after-all', 'partition-id', 'replica-id',
+}  # fmt: skip
+
+
+def _shape_bytes(text: str) -> int:
+  return sum(
+    _DTYPE_BYTES[dt] * math.prod(int(d) for d in dims.split(',') if d)
+    for dt, dims in _SHAPE.findall(text)
+  )
+
+
+def hbm_traffic(hlo: str, top: int = 8, depth: int = 4) -> list[tuple[str, float]]:
+  """Where a compiled program's HBM traffic goes: [(JAX source, share of the bytes)], largest
+  first. Each instruction of the entry computation (fusions are one instruction: their insides
+  stay on chip) counts its operands and result; sources are the op_name metadata with the block
+  index folded (blocks_*), 'jit(step)' and autodiff wrappers dropped, cut at ``depth`` levels
+  ('teacher_moco/ViT/blocks_*'). An approximation of XLA's
+  'bytes accessed' (which sums the same per instruction), to find what to fix."""
+  entry = hlo[hlo.index('\nENTRY ') :]
+  entry = entry[: entry.find('\n}') + 1]
+  sizes: dict[str, int] = {}
+  totals: dict[str, float] = {}
+  for line in entry.splitlines()[1:]:
+    m = _INSTRUCTION.match(line)
+    if not m:
+      continue
+    name, shape, op, rest = m.groups()
+    sizes[name] = _shape_bytes(shape)
+    if op in _FREE:
+      continue
+    operands = re.findall(r'%([\w.\-]+)', rest.split(')', 1)[0])
+    moved = sizes[name] + sum(sizes.get(o, 0) for o in operands)
+    src = re.search(r'op_name="([^"]*)"', rest)
+    key = src.group(1).split(';')[0] if src else '(unnamed: layout copies, transfers)'
+    key = re.sub(r'blocks_\d+', 'blocks_*', re.sub(r'^jit\([^)]*\)/', '', key))
+    while True:  # transforms' wrappers: jvp(ViT) -> ViT, transpose(jvp(ViT)) -> ViT
+      unwrapped = re.sub(r'\b(?:jvp|transpose|vmap|jit|checkpoint|remat)\(([^()]*)\)', r'\1', key)
+      if unwrapped == key:
+        break
+      key = unwrapped
+    key = '/'.join(p for p in key.split('/')[:depth] if p)
+    totals[key] = totals.get(key, 0.0) + moved
+  whole = sum(totals.values()) or 1.0
+  ranked = sorted(totals.items(), key=lambda kv: -kv[1])[:top]
+  return [(k, v / whole) for k, v in ranked]
+
+
 def _models(objective: Any) -> list[str]:
   """'name: variant dtype [remat]' for every model module of the objective (its dataclass fields
   and its teachers), for the table."""
@@ -221,6 +276,7 @@ def make_plan(config: ml_collections.ConfigDict, where: str) -> dict[str, Any]:
       f'chip): {over}; try {", or ".join(_fixes(config, fit, chips))}'
     ) from None
   compile_s = time.perf_counter() - t0
+  traffic = hbm_traffic(compiled.as_text())
   mem = compiled.memory_analysis()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -263,6 +319,7 @@ def make_plan(config: ml_collections.ConfigDict, where: str) -> dict[str, Any]:
     'state_bytes_per_chip': _bytes_per_chip(args[0]),
     'frozen_bytes_per_chip': _bytes_per_chip(args[1]),
     'batch_bytes_per_chip': _bytes_per_chip(args[2]),
+    'hbm_traffic_by_source': traffic,
     'compile_seconds': compile_s,
   }
   if chip is None:  # a CPU: nothing to compare with
@@ -340,6 +397,10 @@ def format_plan(p: dict[str, Any]) -> list[str]:
       ('largest batch', f'~{p["largest_per_chip_batch_estimate"]} per chip (estimate: '
                         'temporaries taken as proportional to the batch)'),
     ]  # fmt: skip
+  if p.get('hbm_traffic_by_source'):
+    rows.append(('HBM traffic', ', '.join(
+      f'{src or "?"} {100 * share:.0f}%' for src, share in p['hbm_traffic_by_source'][:4]
+    )))  # fmt: skip
   rows.append(('compile', f'{p["compile_seconds"]:.0f} s on this machine'))
   width = max(len(k) for k, _ in rows)
   return [f'{p["config"]} planned (compiled, nothing run):'] + [

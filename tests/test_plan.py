@@ -197,6 +197,12 @@ def test_plan_prints_a_table_writes_json_and_nothing_else(tmp_path):
   assert p['fits'] is True and p['per_chip_batch'] == 8 and p['total_steps'] == 300
   assert p['steps_per_epoch'] == 5748 // 64  # the embedded digits' train split, metadata only
   assert sorted(os.listdir(tmp_path)) == ['plan.json']
+  # Where the HBM traffic goes, by JAX source (named scopes of the objective and the augmentation).
+  shares = dict(p['hbm_traffic_by_source'])
+  assert 0.5 < sum(shares.values()) <= 1.0 + 1e-9
+  assert any(k.startswith('teacher_moco/ViT/blocks_*') for k in shares), shares
+  assert any(k.startswith('photometric_strong') for k in shares), shares
+  assert 'HBM traffic' in r.stdout
 
 
 def test_plan_local_needs_no_libtpu_and_reports_the_cpu():

@@ -201,7 +201,8 @@ def make_batch_fn(specs: Mapping[str, ViewSpec]) -> Callable[[dict], dict] | Non
     out = dict(batch)
     for name, spec in sorted(strong.items()):
       if name in batch:
-        out[name] = augment_views(batch[name], view_keys(batch[AUG_SEED], name), spec)
+        with jax.named_scope(f'photometric_{name}'):  # names the ops in profiles and plans
+          out[name] = augment_views(batch[name], view_keys(batch[AUG_SEED], name), spec)
     return out
 
   return fn

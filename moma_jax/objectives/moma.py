@@ -215,16 +215,18 @@ class Moma:
     for kind in sorted(needed):
       x = images if kind == 'masked' else self.input_norm(batch['strong'])
       idx = keep_idx if (kind == 'masked' or self.mask_strong_view) else None
-      tokens, _ = s.apply(
-        {'params': params['student']}, x, idx, train=True, rngs={'dropout': k_drop}
-      )
+      with jax.named_scope(f'student_{kind}'):  # names the ops in profiles and plans
+        tokens, _ = s.apply(
+          {'params': params['student']}, x, idx, train=True, rngs={'dropout': k_drop}
+        )
       student_tokens[kind] = (tokens, idx is not None)
 
     total = jnp.zeros((), jnp.float32)
     metrics = {}
     pnames = self._projector_names()
     for name, t in self.teachers.items():
-      target = self._target(t, frozen[name], t.input_norm(batch['teacher']), keep_idx)
+      with jax.named_scope(f'teacher_{name}'):
+        target = self._target(t, frozen[name], t.input_norm(batch['teacher']), keep_idx)
       kinds = ['masked', 'strong'] if t.student_view == 'both' else [t.student_view]
       losses = []
       for kind in kinds:
