@@ -95,6 +95,8 @@ def _kind(cmd: str) -> str:
     return 'knn'
   if cmd.startswith('python -m moma_jax.data.fake_imagenet'):
     return 'fake_imagenet'
+  if cmd.startswith(('python main.py', 'moma-train')) and '--plan=' in cmd:
+    return 'plan'
   if cmd.startswith(('python main.py', 'moma-train')):
     return 'runlocal' if ':runlocal' in cmd else 'imagenet'
   raise AssertionError(f'README command not handled by this test (add it or skip it): {cmd}')
@@ -106,7 +108,7 @@ def test_every_readme_command_is_run_or_skipped_with_a_reason():
     if _skip_reason(cmd) is None:
       kinds.setdefault(_kind(cmd), []).append(cmd)
   # What the tests below cover: the README must keep having each kind.
-  assert {'convert', 'knn', 'runlocal', 'imagenet'} <= set(kinds), kinds
+  assert {'convert', 'knn', 'runlocal', 'imagenet', 'plan'} <= set(kinds), kinds
 
 
 # --- the sandbox ------------------------------------------------------------------------------------
@@ -246,3 +248,16 @@ def test_readme_runlocal_command(cmd, sandbox):
     assert re.search(r': 2/2 steps in \d+ s', p.stdout), p.stdout
   else:
     _dry_run(cmd, sandbox, SHORT)
+
+
+@pytest.mark.parametrize('cmd', _commands('plan'))
+def test_readme_plan_command(cmd, sandbox):
+  """A --plan command compiles the full-size step for a TPU slice (no TPU here); XLA's effort
+  is lowered for the test (JAX_EXEC_TIME_OPTIMIZATION_EFFORT=-1: minutes -> seconds), nothing else
+  changes. It prints the plan and writes nothing (no --workdir)."""
+  d, env = sandbox
+  before = sorted(os.listdir(d))
+  p = _run(cmd, (d, {**env, 'JAX_EXEC_TIME_OPTIMIZATION_EFFORT': '-1'}))
+  assert 'planned (compiled, nothing run)' in p.stdout and ': fits' in p.stdout, p.stdout
+  assert p.stderr == '', p.stderr[-2000:]
+  assert sorted(os.listdir(d)) == before
