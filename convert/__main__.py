@@ -106,6 +106,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def run() -> None:
   """Console-script entry point (moma-convert)."""
+  from moma_jax import hardware
+
+  hardware.quiet_libtpu()  # before JAX starts: no libtpu start-up errors on a machine without TPU
   sys.exit(main())
 
 

@@ -13,6 +13,7 @@ import importlib.util
 import os
 import pkgutil
 import re
+import sys
 
 GiB = 2**30
 
@@ -195,6 +196,8 @@ def quiet_libtpu() -> None:
   gpu = any(m.name.startswith(('jax_cuda', 'jax_rocm')) for m in pkgutil.iter_modules())
   if not gpu and not _tpu_on_this_machine():
     os.environ['JAX_PLATFORMS'] = 'cpu'
+    if 'jax' in sys.modules:  # imported already (JAX reads the variable at import): its config
+      sys.modules['jax'].config.update('jax_platforms', 'cpu')
 
 
 def plan_environment(target: Target) -> None:

@@ -645,6 +645,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def run() -> None:
   """Console-script entry point (moma-knn)."""
+  from moma_jax import hardware
+
+  hardware.quiet_libtpu()  # before JAX starts: no libtpu start-up errors on a machine without TPU
   sys.exit(main())
 
 
