@@ -234,8 +234,7 @@ def make_plan(config: ml_collections.ConfigDict, where: str) -> dict[str, Any]:
   target = None if where == 'local' else hardware.parse_target(where)
   devices = target_devices(target)
   chip = target.chip if target else hardware.chip_of(devices[0].device_kind)
-  train_examples, num_classes = split_size(config)
-  setup = train.build_setup(config, devices, train_examples, num_classes, builders.SHAPES)
+  setup = train.build_setup(config, devices, lambda: split_size(config), builders.SHAPES)
   rng = jax.random.key(config.seed)
   abstract, state_sharding = train.state_layout(
     setup.objective, setup.tx, setup.mesh, config.sharding_rules, rng, setup.start_params

@@ -473,18 +473,19 @@ class Setup:
 def build_setup(
   config: ml_collections.ConfigDict,
   devices: list[Any],
-  train_examples: int,
-  num_classes: int,
+  split_size: Callable[[], tuple[int, int]],
   loader: builders.Loader = builders.ARRAYS,
 ) -> Setup:
-  """Mesh over ``devices``, batch split, views, objective, optimizer: cheap checks first, before
-  any compilation; one-line ValueErrors. ``loader``: arrays for a run, shapes for a plan."""
+  """Mesh over ``devices``, batch split, views, objective, optimizer: cheap checks first, then
+  ``split_size()`` -> (train examples, classes) (a run opens its dataset there), before any
+  compilation; one-line ValueErrors. ``loader``: arrays for a run, shapes for a plan."""
   mesh = sharding.make_mesh(dict(config.mesh), devices)
   data_axes = sharding.data_axes(mesh)
   per_host_batch = device.check_batch_size(config.batch_size, mesh, data_axes)
   views = pipeline.views_from_config(config.data.views)
   platform = mesh.devices.flat[0].platform
   on_device = photometric.on_device(config.data.get('photometric', 'auto'), platform)
+  train_examples, num_classes = split_size()
   steps_per_epoch = max(1, train_examples // config.batch_size)
   total_steps = config.num_train_steps or int(config.num_epochs * steps_per_epoch)
   objective, frozen, start_params, notes = builders.build_objective(
@@ -524,12 +525,19 @@ def train_and_evaluate(
         f'cannot reach --workdir {workdir} ({" ".join(str(e).split())[:300]}); check the bucket '
         'name, network access and credentials (gcloud auth application-default login)'
       ) from e
-  train_src = sources.open_split(
-    config.data.name, config.data.train_split, data_dir=config.data.data_dir,
-    manual_dir=config.data.manual_dir,
-  )  # fmt: skip
-  train_src.random_access()  # a TFRecord-only copy: say how to convert it now, not after compiling
-  setup = build_setup(config, jax.devices(), train_src.total_examples, train_src.num_classes)
+  opened = []
+
+  def open_train_split() -> tuple[int, int]:
+    src = sources.open_split(
+      config.data.name, config.data.train_split, data_dir=config.data.data_dir,
+      manual_dir=config.data.manual_dir,
+    )  # fmt: skip
+    src.random_access()  # a TFRecord-only copy: say how to convert it now, not after compiling
+    opened.append(src)
+    return src.total_examples, src.num_classes
+
+  setup = build_setup(config, jax.devices(), open_train_split)
+  train_src = opened[0]
   mesh, data_axes, objective, notes = setup.mesh, setup.data_axes, setup.objective, setup.notes
   total_steps, steps_per_epoch = setup.total_steps, setup.steps_per_epoch
   evaluations = make_evaluations(config, objective, mesh, data_axes)
