@@ -83,7 +83,7 @@ def run_one(out: str, config: str, target: str, dtype: str) -> None:
 def table(out: str) -> str:
   rows = [
     '| config | compute | target | fits | GiB / chip | roofline step | images/s | epoch | '
-    '100 epochs | FLOP/byte (ridge) | MFU bound | largest batch / chip (est.) |',
+    'schedule | FLOP/byte (ridge) | MFU bound | largest batch / chip (est.) |',
     '|---|---|---|---|---|---|---|---|---|---|---|---|',
   ]
   for config, target, dtype in sorted(
@@ -101,11 +101,11 @@ def table(out: str) -> str:
       continue
     gib = p['hbm_bytes_per_chip'] / 2**30
     cap = p['hbm_capacity_bytes'] / 2**30
-    epochs100 = p['epoch_seconds'] * 100 / 3600
+    epochs = p['total_steps'] // p['steps_per_epoch']
     rows.append(
       f'| {config} | {dt} | {target} | yes | {gib:.1f} of {cap:.1f} | '
       f'{p["roofline_step_seconds"] * 1000:.0f} ms | {p["images_per_second"]:,.0f} | '
-      f'{p["epoch_seconds"] / 60:.1f} min | {epochs100:.1f} h | '
+      f'{p["epoch_seconds"] / 60:.1f} min | {p["schedule_seconds"] / 3600:.1f} h ({epochs} ep) | '
       f'{p["flops_per_byte"]:.0f} ({p["ridge"]:.0f}) | {100 * p["mfu_bound"]:.0f}% | '
       f'{p["largest_per_chip_batch_estimate"]} |'
     )
