@@ -219,6 +219,14 @@ def _fixes(config: ml_collections.ConfigDict, fit_batch: int | None, chips: int)
   return out
 
 
+def _refusal(config, where: str, per_chip: int, over: str, fit: int | None, chips: int):
+  """The one-line DoesNotFit: what is over, and the config changes that lower the memory."""
+  return DoesNotFit(
+    f'the step does not fit on {where} at batch {config.batch_size} ({per_chip} per chip): '
+    f'{over}; try {", or ".join(_fixes(config, fit, chips))}'
+  )
+
+
 def _largest_batch(per_chip: int, fixed: float, temp: float, capacity: float) -> int:
   """Per-chip batch that fits if the temporaries grow in proportion to the batch (an estimate:
   part of them, gradients and optimizer updates, does not grow); 0 when nothing fits."""
@@ -270,10 +278,7 @@ def make_plan(config: ml_collections.ConfigDict, where: str) -> dict[str, Any]:
       fit = _pow2_floor(per_chip * have / need) * dp  # activations dominate: about linear
     else:
       over = ' '.join(str(e).split())[:200]
-    raise DoesNotFit(
-      f'the step does not fit on {where_label} at batch {config.batch_size} ({per_chip} per '
-      f'chip): {over}; try {", or ".join(_fixes(config, fit, chips))}'
-    ) from None
+    raise _refusal(config, where_label, per_chip, over, fit, chips) from None
   compile_s = time.perf_counter() - t0
   traffic = hbm_traffic(compiled.as_text())
   mem = compiled.memory_analysis()
@@ -342,11 +347,11 @@ def make_plan(config: ml_collections.ConfigDict, where: str) -> dict[str, Any]:
   )  # fmt: skip
   if not plan['fits']:
     fit = _pow2_floor(plan['largest_per_chip_batch_estimate']) * dp
-    raise DoesNotFit(
-      f'the step does not fit on {where_label} at batch {config.batch_size} ({per_chip} per '
-      f'chip): {hbm / GiB:.2f} GiB per chip needed, {capacity / GiB:.2f} GiB available '
-      f'({(hbm - capacity) / GiB:.2f} GiB over); try {", or ".join(_fixes(config, fit, chips))}'
+    over = (
+      f'{hbm / GiB:.2f} GiB per chip needed, {capacity / GiB:.2f} GiB available '
+      f'({(hbm - capacity) / GiB:.2f} GiB over)'
     )
+    raise _refusal(config, where_label, per_chip, over, fit, chips)
   return plan
 
 
