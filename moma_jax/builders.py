@@ -106,8 +106,9 @@ def _from_variant(variant: str, size: int, dtype_name: str = 'float32', drop_pat
   )  # fmt: skip
 
 
-def _random_teacher(variant: str, size: int, dtype_name: str, key: jax.Array, loader: Loader):
-  """(model, variables) of a randomly initialised frozen teacher (runlocal without checkpoints)."""
+def random_vit(variant: str, size: int, dtype_name: str, key: jax.Array, loader: Loader = ARRAYS):
+  """(model, variables) of a randomly initialised ViT: runlocal's teachers without checkpoints,
+  and the random-init floor every probe result is compared with."""
   model = _from_variant(variant, size, dtype_name)
   return model, loader.init(model, key, jnp.zeros((1, size, size, 3)))
 
@@ -149,7 +150,7 @@ def build_moma(
       notes.append(f'teacher {name}: {source}, weight {tc.weight}, student view {tc.student_view}')
     else:
       key = jax.random.fold_in(jax.random.key(config.seed + 1), len(teachers))
-      model, frozen[name] = _random_teacher(tc.variant, size, config.teacher_dtype, key, loader)
+      model, frozen[name] = random_vit(tc.variant, size, config.teacher_dtype, key, loader)
       source = 'random'
       norm = input_norm(tc)
       notes.append(
@@ -282,7 +283,7 @@ def build_pretraining(config: ml_collections.ConfigDict, total_steps: int, loade
       t_norm = t_loaded.normalization
       notes.append(f'teacher: {d.teacher}')
     else:
-      teacher, frozen['teacher'] = _random_teacher(
+      teacher, frozen['teacher'] = random_vit(
         d.teacher_variant, size, d.teacher_dtype, jax.random.key(config.seed + 1), loader
       )
       t_norm = pretrained.IMAGENET

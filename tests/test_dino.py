@@ -13,7 +13,7 @@ import torch
 
 from configs import common, dino_pretrain, moco_to_mae
 from convert.convert import convert_checkpoint, export_checkpoint
-from moma_jax import builders
+from moma_jax import builders, ema
 from moma_jax.models import heads, resnet, vit
 from moma_jax.models.pretrained import load_pretrained
 from moma_jax.objectives import dino
@@ -206,19 +206,36 @@ def test_dino_training_follows_main_dino_step_by_step(tmp_path):
     params, opt_state, extra, loss = step(params, opt_state, extra, batch)
     np.testing.assert_allclose(float(loss), expected, rtol=1e-5, err_msg=f'step {i}')
   np.testing.assert_allclose(extra['center'], ref_run.loss_fn.center.numpy(), rtol=1e-4, atol=1e-6)
-  mine = {'student': params, 'teacher': extra['teacher']}
+  # Dino.loss applies the EMA of step t at the start of step t + 1 (main_dino.py at the end of
+  # step t): the teacher after six steps is the stored one plus that pending update.
+  mine = {
+    'student': params,
+    'teacher': ema.ema_update(extra['teacher'], params, obj.momentum(extra['step'])),
+  }
   for name, model in (('student', student), ('teacher', teacher)):
     torch.save({'teacher': model.state_dict()}, str(tmp_path / f'{name}.pth'))
     convert_checkpoint(str(tmp_path / f'{name}.pth'), str(tmp_path / name), num_heads=2)
     theirs = load_pretrained(str(tmp_path / name))
     theirs = {'backbone': theirs.params['params'], 'head': theirs.heads['head'].variables['params']}
-    # atol: the attention's key bias has a zero gradient (softmax ignores a per-query constant),
-    # so both Adams normalise round-off there into updates of up to ~1e-5 per step.
     jax.tree_util.tree_map_with_path(
-      lambda path, a, b, name=name: np.testing.assert_allclose(
-        a, b, rtol=1e-4, atol=5e-5, err_msg=f'{name} {jax.tree_util.keystr(path)}'
-      ), mine[name], theirs,
+      lambda path, a, b, name=name: _close_but_key_bias(a, b, f'{name} {jax.tree_util.keystr(path)}'),
+      mine[name], theirs,
     )  # fmt: skip
+
+
+def _close_but_key_bias(a, b, where):
+  """Trained parameters agree to round-off, except the attention's key bias: its gradient is
+  zero in exact arithmetic (softmax ignores a per-query constant), so both Adams divide round-off
+  by round-off there and move it by up to lr * |g| / (|g| + eps) per step, about 1e-4 in all at
+  this test's lr; checked with that bound, the rest with the tight one."""
+  a, b = np.asarray(a), np.asarray(b)
+  if 'qkv' in where and "'bias'" in where:
+    dim = a.shape[-1] // 3
+    np.testing.assert_allclose(
+      a[..., dim : 2 * dim], b[..., dim : 2 * dim], atol=2e-4, err_msg=where
+    )
+    a, b = np.delete(a, np.s_[dim : 2 * dim], -1), np.delete(b, np.s_[dim : 2 * dim], -1)
+  np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-5, err_msg=where)
 
 
 def _dino_torch_vit(depth=2, dim=32, heads_=2):

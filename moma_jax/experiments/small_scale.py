@@ -193,9 +193,9 @@ def evaluate_checkpoint(path: str) -> dict[str, float]:
 
 def evaluate_random_init(variant: str, seed: int = 0) -> dict[str, float]:
   """The floor of a trained encoder: the same architecture randomly initialised, same evaluation."""
-  from moma_jax.builders import _random_teacher
+  from moma_jax.builders import random_vit
 
-  return evaluate_encoder(*_random_teacher(variant, 32, 'float32', jax.random.key(seed)))
+  return evaluate_encoder(*random_vit(variant, 32, 'float32', jax.random.key(seed)))
 
 
 def raw_pixels() -> dict[str, float]:
