@@ -8,6 +8,7 @@ import argparse
 import collections
 import copy
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -223,3 +224,18 @@ def save_safetensors(model: nn.Module, path: str) -> str:
 
   save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path)
   return path
+
+
+def key_bias_apart(where: str, *arrays):
+  """(arrays without the attention's key bias, the key-bias thirds or None) for a parameter at
+  path ``where``. The key bias has a zero gradient in exact arithmetic (softmax ignores a
+  per-query constant), so two Adams fed round-off there move it by different amounts of at most
+  ~lr per step: trained-parameter comparisons check it against that bound, the rest tightly."""
+  arrays = tuple(np.asarray(a) for a in arrays)
+  if 'qkv' not in where or 'bias' not in where:
+    return arrays, None
+  d = arrays[0].shape[-1] // 3
+  return (
+    tuple(np.delete(a, np.s_[d : 2 * d], -1) for a in arrays),
+    tuple(a[..., d : 2 * d] for a in arrays),
+  )
