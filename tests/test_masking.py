@@ -44,7 +44,7 @@ def test_masks_are_independent_across_the_batch_and_across_steps():
   var = n * (n / n_patches) * ((n_patches - n) / n_patches) * ((n_patches - n) / (n_patches - 1))
 
   def overlaps(a, c):
-    return np.array([len(set(x) & set(y)) for x, y in zip(a, c)])
+    return np.array([len(set(x) & set(y)) for x, y in zip(a, c, strict=True)])
 
   for what, o in (('batch', overlaps(step0[:-1], step0[1:])), ('steps', overlaps(step0, step1))):
     se = np.sqrt(var / len(o))
