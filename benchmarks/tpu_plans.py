@@ -20,11 +20,12 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# Compute dtypes: 'default' is the config's own (MOMA: bf16 teachers, f32 student); 'bfloat16' /
-# 'float32' set every model's compute dtype (parameters and optimizer stay float32 throughout).
+# Compute dtypes: 'default' is the config's own (pre-training: float32); 'bfloat16' / 'float32' set
+# every model's compute dtype, 'bf16teacher' only the frozen teachers' (MOMA's default is float32
+# throughout). Parameters and optimizer stay float32 throughout.
 DTYPES = {
   'moma': {
-    'default': (),
+    'bf16teacher': ('--config.teacher_dtype=bfloat16',),
     'bfloat16': ('--config.student.dtype=bfloat16', '--config.teacher_dtype=bfloat16'),
     'float32': ('--config.student.dtype=float32', '--config.teacher_dtype=float32'),
   },
@@ -44,11 +45,11 @@ CONFIGS = {  # name -> (config argument, kind)
 }
 EXTRA = {'mae_to_moco L->B': ('--config.teachers.mae.variant=L/16',)}
 TARGETS = ('v5litepod-8', 'v4-8', 'v5p-8', 'v5litepod-256', 'v5litepod-1')
+FIRST = {'moma': 'bf16teacher', 'pretrain': 'default'}  # the rows every config has
 ORDER = [  # most wanted first: a sweep stopped early still answers the main questions
-  *[('moco_to_mae', t, 'default') for t in TARGETS],
-  *[(c, t, 'default') for c in list(CONFIGS)[1:] for t in ('v5litepod-8', 'v5p-8')],
+  *[(c, t, FIRST[CONFIGS[c][1]]) for c in CONFIGS for t in TARGETS],
   *[('moco_to_mae', t, d) for d in ('bfloat16', 'float32') for t in TARGETS[:3]],
-  *[(c, t, d) for d in ('default', 'bfloat16', 'float32') for c in CONFIGS for t in TARGETS],
+  *[(c, t, d) for c in CONFIGS for d in DTYPES[CONFIGS[c][1]] for t in TARGETS],
 ]
 ORDER = list(dict.fromkeys(ORDER))
 
@@ -94,7 +95,8 @@ def table(out: str) -> str:
       continue
     with open(path) as f:
       p = json.load(f)
-    dt = {'default': 'default', 'bfloat16': 'all bf16', 'float32': 'all f32'}[dtype]
+    dt = {'default': 'default', 'bf16teacher': 'bf16 teacher', 'bfloat16': 'all bf16',
+          'float32': 'all f32'}[dtype]  # fmt: skip
     if 'error' in p:
       need = p['error'].split(': ', 2)[-1].split(';')[0]
       rows.append(f'| {config} | {dt} | {target} | no: {need} | | | | | | | | |')

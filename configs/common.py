@@ -183,11 +183,11 @@ def moma_config(name: str, args: ml_collections.ConfigDict) -> ml_collections.Co
     checkpoint='', variant='B/16', dtype='float32', drop_path=0.0, remat='none', **NORM
   )
   c.teachers = ml_collections.ConfigDict()
-  # The frozen teachers' compute in bfloat16 (parameters stay float32): their forward is 76-98% of
-  # a MOMA step's FLOPs and most of its HBM traffic (docs/tpu.md); at the runlocal scale the
-  # student ends the same with a bf16 teacher (k-NN / linear 32.1 / 69.4 both ways, MoCo -> MAE),
-  # while a bf16 student lost 0.9 / 2.0 points, so the student keeps float32.
-  c.teacher_dtype = 'bfloat16'
+  # The frozen teachers' compute dtype. float32: by the plan's cost model (docs/tpu.md) a bf16
+  # teacher neither saves memory nor time on v5e / v4 / v5p (moco_to_mae 295 vs 279 ms on v5e-8),
+  # and at the runlocal scale it leaves the student where float32 does; bfloat16 stays an option
+  # (and the plan's suggestion when a step does not fit) until a TPU run has measured it.
+  c.teacher_dtype = 'float32'
   # The teachers' attention: 'xla'; 'flash' (TPU: JAX's Pallas flash-attention kernel, which never
   # writes the [B, H, 197, 197] scores to HBM; 7% less HBM traffic per B/16 step by the plan's cost
   # model, never run on a TPU yet: docs/tpu.md); 'cudnn' (GPU, bf16 only).
@@ -238,7 +238,6 @@ def digits_views(views: ml_collections.ConfigDict) -> None:
 def runlocal(c: ml_collections.ConfigDict) -> None:
   """Shrinks a MOMA config to a few minutes on a 2-core CPU with the embedded digits dataset."""
   runlocal_data(c)
-  c.teacher_dtype = 'float32'  # a CPU gains nothing from bf16; the teachers' rows stay exact
   if 'student' in c:
     c.student.variant = 'mu/4'
   c.batch_size = 64
