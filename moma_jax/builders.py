@@ -83,19 +83,30 @@ def input_norm(cfg: ml_collections.ConfigDict, loaded: pretrained.Pretrained | N
   )
 
 
-def _encoder(loaded: pretrained.Pretrained, what: str) -> vit.ViT:
+def encoder_of(loaded: pretrained.Pretrained, what: str) -> tuple[vit.ViT, dict[str, Any]]:
+  """(encoder, its variables) of a loaded ViT checkpoint. A classifier with the CLS pool (a
+  supervised ViT, timm's or one this project fine-tuned) serves as an encoder without its head:
+  its tokens after the final norm are the encoder's. A global-pool classifier is refused (its
+  tokens skip the final norm: the fc_norm sits after the pooling)."""
   m = loaded.model
   if not isinstance(m, vit.ViT):
     raise ValueError(
       f'{what} holds a {type(m).__name__} ({loaded.metadata.get("variant") or "custom"}), but a '
       'ViT is needed here'
     )
-  if m.num_classes or m.pool != 'cls':
+  if m.pool != 'cls':
     raise ValueError(
-      f'{what} is a classifier (pool={m.pool}, {m.num_classes} classes); an encoder is needed '
-      '(a pre-trained MAE / MoCo v3 checkpoint, not a fine-tuned one)'
+      f'{what} is a classifier with pool={m.pool}; an encoder is needed (a pre-trained MAE / MoCo '
+      'v3 checkpoint, or a classifier fine-tuned with classifier.pool=cls)'
     )
-  return m
+  variables = loaded.params
+  if m.num_classes:
+    m = m.clone(num_classes=0)
+    variables = {
+      **variables,
+      'params': {k: v for k, v in variables['params'].items() if k != 'head'},
+    }
+  return m, variables
 
 
 def _from_variant(variant: str, size: int, dtype_name: str = 'float32', drop_path: float = 0.0):
@@ -129,8 +140,8 @@ def build_moma(
   sc = config.student
   if sc.checkpoint:
     loaded = loader.checkpoint(sc.checkpoint, dtype=dtype(sc.dtype), drop_path=sc.drop_path)
-    student = _encoder(loaded, f'student checkpoint {sc.checkpoint}').clone(remat=sc.remat)
-    student_params = loaded.params['params']
+    student, variables = encoder_of(loaded, f'student checkpoint {sc.checkpoint}')
+    student, student_params = student.clone(remat=sc.remat), variables['params']
     student_norm = input_norm(sc, loaded)
     notes.append(f'student: {sc.checkpoint} ({loaded.metadata.get("variant")})')
   else:
@@ -143,8 +154,7 @@ def build_moma(
   for name, tc in config.teachers.items():
     if tc.checkpoint:
       loaded = loader.checkpoint(tc.checkpoint, dtype=dtype(config.teacher_dtype))
-      model = _encoder(loaded, f'teacher {name} checkpoint {tc.checkpoint}')
-      frozen[name] = loaded.params
+      model, frozen[name] = encoder_of(loaded, f'teacher {name} checkpoint {tc.checkpoint}')
       source = tc.checkpoint
       norm = input_norm(tc, loaded)
       notes.append(f'teacher {name}: {source}, weight {tc.weight}, student view {tc.student_view}')
@@ -197,8 +207,7 @@ def build_classification(
                                         'image_size', 'channels')}  # fmt: skip
     model = vit.ViT(**arch, **common)
     if c.linear_probe:
-      _encoder(loaded, f'classifier.checkpoint {c.checkpoint}')  # probes need an encoder
-      frozen['encoder'] = loaded.params
+      _, frozen['encoder'] = encoder_of(loaded, f'classifier.checkpoint {c.checkpoint}')
     else:
       start = loaded.params['params']
     notes.append(f'encoder: {c.checkpoint} ({loaded.metadata.get("variant")})')
@@ -237,8 +246,8 @@ def build_pretraining(config: ml_collections.ConfigDict, total_steps: int, loade
   if m.checkpoint:
     loaded = loader.checkpoint(m.checkpoint, dtype=dtype(m.dtype), drop_path=m.drop_path)
     norm = input_norm(m, loaded)
-    encoder = _encoder(loaded, f'model.checkpoint {m.checkpoint}')
-    start['encoder'] = loaded.params['params']
+    encoder, variables = encoder_of(loaded, f'model.checkpoint {m.checkpoint}')
+    start['encoder'] = variables['params']
     if 'decoder' in loaded.heads:  # an MAE _full checkpoint: continue with its decoder
       dec = loaded.heads['decoder']
       decoder = dec.module.clone(dtype=dtype(m.dtype))
@@ -278,8 +287,7 @@ def build_pretraining(config: ml_collections.ConfigDict, total_steps: int, loade
     d = config.dmae
     if d.teacher:
       t_loaded = loader.checkpoint(d.teacher, dtype=dtype(d.teacher_dtype))
-      teacher = _encoder(t_loaded, f'dmae.teacher {d.teacher}')
-      frozen['teacher'] = t_loaded.params
+      teacher, frozen['teacher'] = encoder_of(t_loaded, f'dmae.teacher {d.teacher}')
       t_norm = t_loaded.normalization
       notes.append(f'teacher: {d.teacher}')
     else:

@@ -49,9 +49,9 @@ def backbone(
         f'{"ViT" if expect == "vit" else "ResNet"} is expected here'
       )
     if kind == 'vit':
-      m = builders._encoder(loaded, f'{what} {mc.checkpoint}')
+      m, variables = builders.encoder_of(loaded, f'{what} {mc.checkpoint}')
       m = m.clone(dtype=dtype, drop_path=mc.get('drop_path', 0.0))
-      start = loaded.params['params']
+      start = variables['params']
     else:
       if m.num_classes:
         m = m.clone(num_classes=0)  # DINO's fc = nn.Identity(); the fc weights are left out

@@ -35,6 +35,7 @@ import subprocess
 import sys
 import time
 
+from moma_jax import hardware
 from moma_jax.experiments import small_scale  # load_results: the same resumable results.json
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -170,6 +171,7 @@ def main(argv: list[str] | None = None) -> dict:
   p.add_argument('--steps', type=int, default=STEPS, help='training steps per run')
   p.add_argument('--runs', nargs='+', choices=list(RUNS), default=list(RUNS))
   a = p.parse_args(argv)
+  hardware.quiet_libtpu()  # before JAX starts: no libtpu start-up errors without a TPU
   workdir = os.path.abspath(a.workdir)
   os.makedirs(workdir, exist_ok=True)
   res_path = os.path.join(workdir, 'results.json')

@@ -17,6 +17,9 @@ Tables (analogues of the paper's; sizes pico < mu < milli play S < B < L):
   t3  MAE teachers {milli, mu} -> pre-trained MoCo v3 students {mu, pico}.
   t4  MoCo -> MAE at mask ratio 75, 80, 85, 90, 95 %.
   abl the MoCo teacher without the strong-augmentation student view; masking the teacher.
+  mech a supervised mu/4 teacher (trained with the labels, not self-supervised) -> the pre-trained
+      MAE mu student and a random mu student: the student must move toward a clearly better
+      teacher, whatever the SSL teachers are worth.
 The command is resumable: finished runs are read back from WORKDIR/results.json. It writes
 WORKDIR/results.md, results.json and the PNG plots (loss curves, accuracy vs mask ratio).
 """
@@ -36,10 +39,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from moma_jax import hardware
 from moma_jax.experiments import teachers
 
 STEPS = 600  # per run; every row gets the same budget
-TABLES = ('t2', 't3', 't4', 'abl')
+TABLES = ('t2', 't3', 't4', 'abl', 'mech')
 MASK_RATIOS = (0.75, 0.8, 0.85, 0.9, 0.95)
 
 
@@ -111,6 +115,17 @@ def plan(tables: tuple[str, ...], mask_ratios: tuple[float, ...] = MASK_RATIOS) 
           Run('moco_to_mae_no_strong', 'moco_to_mae', (('teachers.moco.student_view', 'masked'),))),
       Row('abl', 'teacher masked too (sees only the visible patches)',
           Run('moco_to_mae_masked_teacher', 'moco_to_mae', (('moma.mask_teacher', True),))),
+    ]  # fmt: skip
+  if 'mech' in tables:  # issue 29: does a student move toward a teacher that is clearly better?
+    sup = ('teachers.mae.checkpoint', T('supervised_mu'))
+    rows += [
+      Row('mech', 'supervised mu teacher (trained with labels)', _shipped('supervised_mu')),
+      Row('mech', 'MAE mu student before distillation', _shipped('mae_mu')),
+      Row('mech', 'random-init mu/4 (no training; the floor)', _random('mu/4')),
+      Row('mech', 'supervised -> pre-trained MAE mu student',
+          Run('sup_to_mae', 'mae_to_moco', (sup, ('student.checkpoint', T('mae_mu'))))),
+      Row('mech', 'supervised -> random mu student',
+          Run('sup_to_random', 'mae_to_moco', (sup, ('student.checkpoint', '')))),
     ]  # fmt: skip
   return rows
 
@@ -185,10 +200,9 @@ def evaluate_encoder(model, variables) -> dict[str, float]:
 
 
 def evaluate_checkpoint(path: str) -> dict[str, float]:
-  from moma_jax.builders import load_checkpoint
+  from moma_jax.builders import encoder_of, load_checkpoint
 
-  loaded = load_checkpoint(path)
-  return evaluate_encoder(loaded.model, loaded.params)
+  return evaluate_encoder(*encoder_of(load_checkpoint(path), path))
 
 
 def evaluate_random_init(variant: str, seed: int = 0) -> dict[str, float]:
@@ -242,6 +256,7 @@ TITLES = {
   't3': 'Table 3 analogue: teacher size -> student size (MAE teachers, pre-trained MoCo v3 students)',
   't4': 'Table 4 analogue: mask ratio (MoCo -> MAE)',
   'abl': 'Ablations (MoCo -> MAE)',
+  'mech': 'Mechanism check: a supervised teacher (mask 90%)',
 }
 
 
@@ -349,6 +364,7 @@ def main(argv: list[str] | None = None) -> dict:
   p.add_argument('--no-floor', action='store_true', help='skip the raw-pixel floor (~1 min)')
   p.add_argument('--mask-ratios', type=float, nargs='+', default=list(MASK_RATIOS), help='t4 rows')
   a = p.parse_args(argv)
+  hardware.quiet_libtpu()  # before JAX starts: no libtpu start-up errors without a TPU
   missing = [n for n in teachers.RECIPES if not os.path.isfile(teachers.path(n))]
   if missing:
     raise SystemExit(

@@ -24,6 +24,7 @@ import shutil
 import time
 
 from convert.convert import sha256
+from moma_jax import hardware
 
 # realpath: the same files under one name however the package was reached (symlinks, installs), so
 # a workdir's experiment fingerprint does not change with the way the trainer was started.
@@ -47,6 +48,9 @@ RECIPES = {
   'mae_milli': Recipe('mae_pretrain', 'milli/4', 1200, 'mae_milli4_digits.pth'),
   'mocov3_mu': Recipe('mocov3_pretrain', 'mu/4', 1000, 'mocov3_mu4_digits.pth.tar'),
   'mocov3_pico': Recipe('mocov3_pretrain', 'pico/4', 1000, 'mocov3_pico4_digits.pth.tar'),
+  # Not self-supervised: a ViT trained with the labels, the strong teacher of the mechanism check
+  # (docs/results.md), which must not depend on how good the SSL teachers are.
+  'supervised_mu': Recipe('finetune', 'mu/4', 600, 'supervised_mu4_digits.pth'),
 }
 BATCH = 128
 
@@ -73,7 +77,7 @@ def config_for(name: str, steps: int | None = None):
 
   r = RECIPES[name]
   c = importlib.import_module(f'configs.{r.config}').get_config('runlocal')
-  c.model.variant = r.variant
+  (c.model if 'model' in c else c.classifier).variant = r.variant
   c.batch_size = BATCH
   c.num_train_steps = steps or r.steps
   c.checkpoint_every = c.num_train_steps
@@ -109,6 +113,7 @@ def main(argv: list[str] | None = None) -> None:
   p.add_argument('--only', nargs='+', choices=list(RECIPES), default=list(RECIPES))
   p.add_argument('--steps', type=int, default=None, help='override every recipe (smoke tests)')
   a = p.parse_args(argv)
+  hardware.quiet_libtpu()  # before JAX starts: no libtpu start-up errors without a TPU
   import tempfile
 
   with tempfile.TemporaryDirectory() as tmp:
