@@ -278,3 +278,38 @@ def test_scanned_teachers_and_rematerialised_student_give_the_same_loss():
   np.testing.assert_allclose(l1, l0, rtol=1e-6)
   for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0), strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_a_supervised_classifier_serves_as_a_teacher_without_its_head(tmp_path):
+  """A CLS-pool classifier (timm / fine-tuned MAE format, with its head) is a teacher: its targets
+  are the PyTorch model's tokens after the final norm (then MOMA's LayerNorm); a global-pool one,
+  whose tokens skip that norm, is refused in one line before anything runs."""
+  from configs import common
+  from convert.convert import convert_checkpoint
+  from moma_jax import builders
+
+  import torch_reference as ref
+
+  torch.manual_seed(0)
+  sup = ref.VisionTransformer(img_size=32, patch=4, dim=64, depth=2, heads=2, num_classes=10)
+  gap = ref.VisionTransformer(img_size=32, patch=4, dim=64, depth=2, heads=2, num_classes=10,
+                              global_pool=True)  # fmt: skip
+  for name, model in (('sup', sup), ('gap', gap)):
+    ref.save_mae(model, str(tmp_path / f'{name}.pth'))
+    convert_checkpoint(str(tmp_path / f'{name}.pth'), str(tmp_path / name), num_heads=2)
+  config = common.shortened_runlocal(
+    'mae_to_moco', 1, checkpoint_every=1, log_every=1,
+    overrides={'teachers.mae.checkpoint': str(tmp_path / 'sup'), 'student.checkpoint': ''},
+  )  # fmt: skip
+  obj, frozen, _, _ = builders.build_moma(config)
+  teacher = obj.teachers['mae']
+  assert teacher.model.num_classes == 0 and 'head' not in frozen['mae']['params']
+  x = np.random.RandomState(0).randn(4, 32, 32, 3).astype(np.float32)
+  tokens, _ = teacher.model.apply(frozen['mae'], jnp.asarray(x))
+  with torch.no_grad():
+    want, _ = sup.forward_encoder(torch.from_numpy(x).permute(0, 3, 1, 2))
+  np.testing.assert_allclose(np.asarray(tokens), want.numpy(), atol=1e-5, rtol=1e-5)
+
+  config.teachers.mae.checkpoint = str(tmp_path / 'gap')
+  with pytest.raises(ValueError, match='pool=gap.*classifier.pool=cls'):
+    builders.build_moma(config)
