@@ -16,7 +16,6 @@ from __future__ import annotations
 import importlib.util
 import logging as logging_std
 import os
-import re
 import sys
 
 # TensorFlow's C++ INFO lines (oneDNN notices), before anything imports it; -v 1 does not undo it.
@@ -68,13 +67,66 @@ def parse_flags(argv: list[str]) -> list[str]:
   except OSError as e:  # the config file itself
     _usage_error(f'--config: {e}')
   except (AttributeError, KeyError) as e:  # ml_collections: an override of a key that is not there
-    key = next((a.split('=')[0] for a in argv if a.startswith('--config.')), '--config.KEY')
-    hint = re.search(r'Did you mean "([^"]+)"', str(e))
-    suggestion = f' Did you mean "{hint.group(1)}"?' if hint else ''
-    _usage_error(
-      f'{key}: no such config key.{suggestion} (python main.py --config=FILE --helpfull lists them)'
-    )
+    # ml_collections names only the missing component ('total_steps'); name the user's flag.
+    inner = e
+    while isinstance(inner, BaseException) and inner.args:  # AttributeError(KeyError('name\n...'))
+      inner = inner.args[0]
+    name = str(inner).split('\n')[0].strip('"\'')
+    overrides = [a.split('=')[0] for a in argv if a.startswith('--config.')]
+    key = next((k for k in overrides if name in k[len('--config.') :].split('.')), None)
+    key = key or (overrides[0] if overrides else '--config.KEY')
+    _usage_error(f'{key}: no such config key.{_suggest(argv, key[len("--config.") :])}')
   return []
+
+
+def _config_keys(argv: list[str]) -> list[str]:
+  """Every dotted key of the --config file's config (for suggestions; [] if it cannot load)."""
+  import importlib.util
+
+  arg = next((a[len('--config=') :] for a in argv if a.startswith('--config=')), '')
+  path, _, args = arg.partition(':')
+  try:
+    spec = importlib.util.spec_from_file_location('_config_for_keys', path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config(args or None)
+  except Exception:  # noqa: BLE001  (only a hint: the error line is printed either way)
+    return []
+
+  def walk(node, prefix):
+    for k in node:
+      value = node[k]
+      if hasattr(value, 'keys') and not isinstance(value, dict):
+        yield from walk(value, f'{prefix}{k}.')
+      else:
+        yield f'{prefix}{k}'
+
+  return list(walk(config, ''))
+
+
+# What other trainers call a key (big_vision, MaxText, timm, torch scripts) -> this project's name.
+_ALIASES = {
+  'total_steps': 'num_train_steps', 'num_steps': 'num_train_steps', 'steps': 'num_train_steps',
+  'max_steps': 'num_train_steps', 'epochs': 'num_epochs', 'lr': 'optim.base_lr',
+  'learning_rate': 'optim.base_lr', 'base_lr': 'optim.base_lr', 'weight_decay': 'optim.weight_decay',
+  'wd': 'optim.weight_decay', 'mask_ratio': 'moma.mask_ratio', 'image_size': 'data.image_size',
+  'dataset': 'data.name', 'data_dir': 'data.data_dir',
+}  # fmt: skip
+
+
+def _suggest(argv: list[str], key: str) -> str:
+  """' Did you mean ...?' from the config's own keys (a known alias, as total_steps ->
+  num_train_steps, then close spellings), else where the keys are defined."""
+  import difflib
+
+  keys = _config_keys(argv)
+  alias = _ALIASES.get(key) or _ALIASES.get(key.split('.')[-1])
+  close = [alias] if alias in keys else []
+  close += difflib.get_close_matches(key, keys, n=3, cutoff=0.6)
+  close = list(dict.fromkeys(close))[:3]
+  if close:
+    return ' Did you mean ' + ' or '.join(f'--config.{k}' for k in close) + '?'
+  return ' The keys are those set in the --config file and configs/common.py.'
 
 
 class _OwnInfoOnly(logging_std.Filter):

@@ -543,7 +543,7 @@ def train_and_evaluate(
   evaluations = make_evaluations(config, objective, mesh, data_axes)
   if dry_run:
     plan = {
-      'mesh': dict(mesh.shape), 'batch_size': config.batch_size, 'total_steps': total_steps,
+      'mesh': dict(mesh.shape), 'batch_size': config.batch_size, 'num_train_steps': total_steps,
       'steps_per_epoch': steps_per_epoch, 'peak_lr': setup.peak_lr,
       'dataset': train_src.name, 'train_examples': train_src.total_examples,
       'gflops_per_step': objective.flops_per_example() * config.batch_size / 1e9,

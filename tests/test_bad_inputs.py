@@ -31,8 +31,14 @@ MAE = _config('mae_pretrain')
 
 # (id, command (WD, FILES substituted), expected exit code, expected text in the error line)
 CASES = [
-  ('misspelt-key', [M2M, '--config.data.dat_dir=x'], 2, 'Did you mean "data_dir"'),
-  ('misspelt-section', [M2M, '--config.studnt.variant=S/16'], 2, 'Did you mean "student"'),
+  ('misspelt-key', [M2M, '--config.data.dat_dir=x'], 2, 'Did you mean --config.data.data_dir'),
+  ('misspelt-section', [M2M, '--config.studnt.variant=S/16'], 2, 'mean --config.student.variant'),
+  (  # the flag named is the wrong one, not the first override; another trainer's name is mapped
+    'unknown-key-after-a-good-one',
+    [M2M, '--config.seed=1', '--config.total_steps=6'],
+    2,
+    '--config.total_steps: no such config key. Did you mean --config.num_train_steps',
+  ),
   (
     'bad-type',
     [M2M, '--config.batch_size=abc'],

@@ -234,7 +234,7 @@ def _dry_run(cmd: str, sandbox, extra: list[str]) -> None:
     sorted(os.walk(path)) if os.path.exists(path) else None
   )  # a workdir an earlier command used
   p = _run(cmd, sandbox, [*extra, '--dry_run'])
-  assert re.search(r': dry run, nothing written; mesh .* total_steps 2,', p.stdout), p.stdout
+  assert re.search(r': dry run, nothing written; mesh .* num_train_steps 2,', p.stdout), p.stdout
   assert (sorted(os.walk(path)) if os.path.exists(path) else None) == before, path
 
 
