@@ -442,8 +442,8 @@ def export_checkpoint(
   if os.fspath(dst).endswith('.safetensors'):
     from safetensors.numpy import save_file
 
-    with storage.local_output(dst) as tmp:
-      save_file(state, tmp)
+    with storage.local_output(dst) as tmp:  # the head count as metadata, as in our .pth files
+      save_file(state, tmp, metadata={formats.SAFETENSORS_HEADS: str(m.num_heads)})
   else:
     torch_format.save({'model': state, 'moma_jax': ours}, dst)
   return list(state)

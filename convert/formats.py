@@ -66,14 +66,32 @@ def read_file(path: str) -> Any:
   with p.open('rb') as f:
     head = f.read(9)
   if len(head) == 9 and head[8:9] == b'{' and not head.startswith(b'PK'):
-    from safetensors import SafetensorError
-    from safetensors.numpy import load, load_file
-
-    try:  # local files are memory-mapped; remote ones read whole
-      return load(p.read_bytes()) if storage.is_remote(path) else load_file(path)
-    except (SafetensorError, ValueError, OSError) as e:
-      raise ConvertError(f'{path} is a corrupt safetensors file: {e}') from None
+    return _read_safetensors(p, path)
   return torch_format.load(path)
+
+
+SAFETENSORS_HEADS = 'moma_jax.num_heads'  # metadata key of the safetensors files we export
+
+
+def _read_safetensors(p: Any, path: str) -> Any:
+  """A safetensors file's state dict; one this project exported (its head count in the metadata)
+  comes back as our own .pth export does, {'model': state, 'moma_jax': {'num_heads': H}}."""
+  import json
+  import struct
+
+  from safetensors import SafetensorError
+  from safetensors.numpy import load, load_file
+
+  try:  # local files are memory-mapped; remote ones read whole
+    state = load(p.read_bytes()) if storage.is_remote(path) else load_file(path)
+    with p.open('rb') as f:  # the header: 8-byte length, then JSON with '__metadata__'
+      (n,) = struct.unpack('<Q', f.read(8))
+      meta = json.loads(f.read(n)).get('__metadata__') or {}
+  except (SafetensorError, ValueError, OSError, struct.error) as e:
+    raise ConvertError(f'{path} is a corrupt safetensors file: {e}') from None
+  if SAFETENSORS_HEADS in meta:
+    return {'model': state, 'moma_jax': {'num_heads': int(meta[SAFETENSORS_HEADS])}}
+  return state
 
 
 def _is_state_dict(obj: Any) -> bool:

@@ -16,6 +16,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+from absl import logging
 
 from moma_jax import storage
 from moma_jax.models import pretrained, vit
@@ -33,24 +34,42 @@ TORCH_SUFFIXES = ('.pth', '.pth.tar', '.pt', '.bin', '.safetensors')
 
 
 def load_checkpoint(
-  path: str, shapes_only: bool = False, **overrides: Any
+  path: str, shapes_only: bool = False, variant: str | None = None, **overrides: Any
 ) -> pretrained.Pretrained:
   """A converted checkpoint directory, or a PyTorch / safetensors file (MAE, MoCo v3, timm)
   converted on the fly through ``convert/`` into a temporary directory: the same path as
   ``python -m convert`` followed by loading its output. ``shapes_only``: ShapeDtypeStructs
-  instead of arrays (a directory's parameter files are then not read; a PyTorch file is)."""
+  instead of arrays (a directory's parameter files are then not read; a PyTorch file is).
+  ``variant``: the config's variant for this model, used for the head count when the file
+  cannot tell it (a plain state dict of an unusual width) and the variant's shape matches."""
   if not path.endswith(TORCH_SUFFIXES) or not storage.Path(path).is_file():
+    export = storage.Path(path) / 'export' / 'model'
+    if (
+      not (storage.Path(path) / pretrained.METADATA_FILE).exists()
+      and (export / pretrained.METADATA_FILE).exists()
+    ):  # a training workdir: its exported model
+      logging.info('%s is a training workdir: reading its export, %s', path, export)
+      path = os.fspath(export)
     return pretrained.load_pretrained(path, shapes_only, **overrides)
   from convert.convert import convert_checkpoint
   from convert.errors import ConvertError
 
   # The converted copy is a local cache for this run; the source may be local or on gs://.
   with tempfile.TemporaryDirectory() as tmp:
+    out = os.path.join(tmp, 'converted')
     try:
-      convert_checkpoint(path, os.path.join(tmp, 'converted'))
+      convert_checkpoint(path, out)
     except ConvertError as e:
-      raise ValueError(str(e)) from e
-    return pretrained.load_pretrained(os.path.join(tmp, 'converted'), shapes_only, **overrides)
+      if 'number of heads' not in str(e):
+        raise ValueError(str(e)) from e
+      try:  # the config's variant, when its width / depth / patch are the file's
+        convert_checkpoint(path, out, variant=variant or 'unknown')
+      except ConvertError:
+        raise ValueError(
+          f'{str(e).split(";")[0]}; convert it first (python -m convert --src {path} --dst DIR '
+          "--num-heads N) and give DIR, or set this model's variant in the config to its size"
+        ) from e
+    return pretrained.load_pretrained(out, shapes_only, **overrides)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,8 +80,10 @@ class Loader:
 
   shapes_only: bool = False
 
-  def checkpoint(self, path: str, **overrides: Any) -> pretrained.Pretrained:
-    return load_checkpoint(path, self.shapes_only, **overrides)
+  def checkpoint(
+    self, path: str, variant: str | None = None, **overrides: Any
+  ) -> pretrained.Pretrained:
+    return load_checkpoint(path, self.shapes_only, variant, **overrides)
 
   def init(self, model, *args) -> Any:
     """``model.init(*args)``, or its shapes."""
@@ -139,7 +160,9 @@ def build_moma(
   notes = []
   sc = config.student
   if sc.checkpoint:
-    loaded = loader.checkpoint(sc.checkpoint, dtype=dtype(sc.dtype), drop_path=sc.drop_path)
+    loaded = loader.checkpoint(
+      sc.checkpoint, sc.variant, dtype=dtype(sc.dtype), drop_path=sc.drop_path
+    )
     student, variables = encoder_of(loaded, f'student checkpoint {sc.checkpoint}')
     student, student_params = student.clone(remat=sc.remat), variables['params']
     student_norm = input_norm(sc, loaded)
@@ -153,7 +176,7 @@ def build_moma(
   teachers, frozen = {}, {}
   for name, tc in config.teachers.items():
     if tc.checkpoint:
-      loaded = loader.checkpoint(tc.checkpoint, dtype=dtype(config.teacher_dtype))
+      loaded = loader.checkpoint(tc.checkpoint, tc.variant, dtype=dtype(config.teacher_dtype))
       model, frozen[name] = encoder_of(loaded, f'teacher {name} checkpoint {tc.checkpoint}')
       source = tc.checkpoint
       norm = input_norm(tc, loaded)
@@ -200,7 +223,7 @@ def build_classification(
   frozen, start, notes = {}, None, []
   norm = input_norm(c)
   if c.checkpoint:
-    loaded = loader.checkpoint(c.checkpoint)
+    loaded = loader.checkpoint(c.checkpoint, c.variant)
     norm = input_norm(c, loaded)
     m = loaded.model
     arch = {k: getattr(m, k) for k in ('width', 'depth', 'num_heads', 'mlp_dim', 'patch_size',
@@ -244,7 +267,7 @@ def build_pretraining(config: ml_collections.ConfigDict, total_steps: int, loade
   decoder = None
   norm = input_norm(m)
   if m.checkpoint:
-    loaded = loader.checkpoint(m.checkpoint, dtype=dtype(m.dtype), drop_path=m.drop_path)
+    loaded = loader.checkpoint(m.checkpoint, m.variant, dtype=dtype(m.dtype), drop_path=m.drop_path)
     norm = input_norm(m, loaded)
     encoder, variables = encoder_of(loaded, f'model.checkpoint {m.checkpoint}')
     start['encoder'] = variables['params']
@@ -286,7 +309,7 @@ def build_pretraining(config: ml_collections.ConfigDict, total_steps: int, loade
   else:  # dmae
     d = config.dmae
     if d.teacher:
-      t_loaded = loader.checkpoint(d.teacher, dtype=dtype(d.teacher_dtype))
+      t_loaded = loader.checkpoint(d.teacher, d.teacher_variant, dtype=dtype(d.teacher_dtype))
       teacher, frozen['teacher'] = encoder_of(t_loaded, f'dmae.teacher {d.teacher}')
       t_norm = t_loaded.normalization
       notes.append(f'teacher: {d.teacher}')

@@ -66,6 +66,9 @@ def local_output(path: PathLike) -> Iterator[str]:
   tmp = f'{dst}.tmp-{os.getpid()}'
   try:
     yield tmp
+    umask = os.umask(0)  # some writers (safetensors) create 0600 files: give the usual mode
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
     os.replace(tmp, dst)
   finally:
     if os.path.exists(tmp):

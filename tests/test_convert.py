@@ -14,6 +14,7 @@ import torch
 
 from convert import convert, torch_format
 from convert.__main__ import main as cli
+from moma_jax.builders import load_checkpoint
 from moma_jax.models.pretrained import load_pretrained
 
 import torch_reference as ref
@@ -228,6 +229,15 @@ def test_export_safetensors(tmp_path):
   back = load_file(out)
   for k, v in tm.state_dict().items():
     assert torch.equal(back[k], v), k
+  umask = os.umask(0)
+  os.umask(umask)
+  assert os.stat(out).st_mode & 0o777 == 0o666 & ~umask  # as any other file the user writes
+  # Our own file converts back without --num-heads (4 is not what width 64 would default to), and
+  # serves as a teacher checkpoint directly.
+  assert cli(['--src', out, '--dst', str(tmp_path / 'again')]) == 0
+  again = load_pretrained(str(tmp_path / 'again'))
+  assert again.model.num_heads == 4
+  assert load_checkpoint(out).model.num_heads == 4
 
 
 def test_position_embedding_resampled_for_new_image_size(tmp_path):
@@ -332,3 +342,30 @@ def test_second_reference_huggingface_vit(tmp_path):
   with torch.no_grad():
     expected = hf(pixel_values=_torch(x)).last_hidden_state
   np.testing.assert_allclose(np.asarray(tokens), expected.numpy(), atol=TOL, rtol=0)
+
+
+def test_a_plain_safetensors_takes_its_head_count_from_the_config_variant(tmp_path):
+  """A timm-style safetensors of an unusual width has no head count: given as a checkpoint to the
+  trainer, the config's variant supplies it when the shapes agree; otherwise one line says how to
+  convert it, with the converter's own flag spelled as the converter takes it."""
+  src = ref.save_safetensors(
+    ref.VisionTransformer(32, 4, 64, 2, 2), str(tmp_path / 'x.safetensors')
+  )
+  assert load_checkpoint(src, variant='mu/4').model.num_heads == 2
+  for variant in ('B/16', None):
+    with pytest.raises(
+      ValueError, match=r'python -m convert --src .* --num-heads N\) and give DIR'
+    ):
+      load_checkpoint(src, variant=variant)
+
+
+def test_a_training_workdir_reads_as_its_export(tmp_path):
+  """moma-knn --checkpoint WORKDIR, a teacher / student checkpoint = a previous run's workdir: the
+  run's exported model (WORKDIR/export/model) is what is meant."""
+  src = ref.save_mae(ref.VisionTransformer(32, 8, 64, 1, 4), str(tmp_path / 'm.pth'))
+  (tmp_path / 'wd' / 'export').mkdir(parents=True)
+  convert.convert_checkpoint(src, str(tmp_path / 'wd' / 'export' / 'model'), num_heads=4)
+  (tmp_path / 'wd' / 'checkpoints').mkdir()
+  assert load_checkpoint(str(tmp_path / 'wd')).model.num_heads == 4
+  with pytest.raises(FileNotFoundError, match='not a converted checkpoint directory'):
+    load_checkpoint(str(tmp_path / 'wd' / 'checkpoints'))

@@ -127,6 +127,10 @@ def plan(tables: tuple[str, ...], mask_ratios: tuple[float, ...] = MASK_RATIOS) 
       Row('mech', 'supervised -> random mu student',
           Run('sup_to_random', 'mae_to_moco', (sup, ('student.checkpoint', '')))),
     ]  # fmt: skip
+    for r in (0.75, 0.0):  # how much of what is missing is the 6 of 64 patches the student sees
+      rows.append(Row('mech', f'supervised -> pre-trained MAE mu student, mask {100 * r:.0f}%',
+                      Run(f'sup_to_mae_mask{round(100 * r)}', 'mae_to_moco',
+                          (sup, ('student.checkpoint', T('mae_mu')), ('moma.mask_ratio', r)))))  # fmt: skip
   return rows
 
 
