@@ -486,6 +486,7 @@ def build_setup(
   platform = mesh.devices.flat[0].platform
   on_device = photometric.on_device(config.data.get('photometric', 'auto'), platform)
   train_examples, num_classes = split_size()
+  _check_split(config, train_examples, num_classes)
   steps_per_epoch = max(1, train_examples // config.batch_size)
   total_steps = config.num_train_steps or int(config.num_epochs * steps_per_epoch)
   objective, frozen, start_params, notes = builders.build_objective(
@@ -504,6 +505,30 @@ def build_setup(
     mesh, data_axes, per_host_batch, used, augment, objective, frozen, start_params, notes, tx,
     schedule, float(peak_lr), total_steps, steps_per_epoch,
   )  # fmt: skip
+
+
+def _check_split(config, train_examples: int, num_classes: int) -> None:
+  """What would run to exit 0 and print nonsense: a batch the training split cannot fill (every
+  batch would repeat its images), labels the probes cannot separate (top-1 100% by construction)."""
+  where = f'{config.data.name} (split {config.data.train_split!r})'
+  labelled = config.objective == 'classification' or any(
+    ec.every_steps or ec.at_end for ec in config.evaluators.values()
+  )
+  if labelled and num_classes < 2:
+    raise ValueError(
+      f'{where} has {num_classes} class: the k-NN / linear-probe / classification scores would be '
+      '100% by construction; give a folder with one sub-folder per class, or turn the evaluators '
+      'off (--config.evaluators.knn.at_end=False, for a self-supervised run on unlabelled images)'
+    )
+  if config.batch_size > train_examples:
+    raise ValueError(
+      f'batch_size={config.batch_size} is larger than the {train_examples} training examples of '
+      f'{where}; give --config.batch_size={_largest_pow2(train_examples)} or more data'
+    )
+
+
+def _largest_pow2(n: int) -> int:
+  return 1 << (max(n, 1).bit_length() - 1)
 
 
 # --- the loop --------------------------------------------------------------------------------------

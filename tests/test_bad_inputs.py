@@ -67,6 +67,18 @@ CASES = [
   ('wd-negative', [M2M, '--config.optim.weight_decay=-0.1'], 2, 'optim.weight_decay=-0.1'),
   ('layer-decay', [M2M, '--config.optim.layer_decay=1.5'], 2, 'optim.layer_decay=1.5'),
   ('image-size', [M2M, '--config.data.image_size=0'], 2, 'image_size=0'),
+  (  # both would have run to exit 0 and printed 100% in every row
+    'one-class-folder',
+    [M2M, '--config.data.name=folder:{FILES}/oneclass'],
+    2,
+    'has 1 class: the k-NN / linear-probe / classification scores would be 100% by construction',
+  ),
+  (
+    'batch-larger-than-data',
+    [M2M, '--config.data.name=folder:{FILES}/twenty'],
+    2,
+    'batch_size=64 is larger than the 20 training examples',
+  ),
   ('folder-missing', [M2M, '--config.data.name=folder:{FILES}/nope'], 2, 'no such folder'),
   ('folder-is-file', [M2M, '--config.data.name=folder:{FILES}/plain.txt'], 2, 'is a file'),
   (
@@ -206,6 +218,15 @@ def files(tmp_path_factory):
   full = torch_format.load(teachers.path('mae_mu'))
   encoder = {k: v for k, v in full['model'].items() if not k.startswith(('decoder', 'mask_token'))}
   torch_format.save({'model': encoder}, str(d / 'encoder_only.pth'))
+  from PIL import Image
+
+  rng = np.random.RandomState(0)
+  for folder, classes in (('oneclass', ['cat']), ('twenty', ['a', 'b'])):
+    for c in classes:
+      (d / folder / c).mkdir(parents=True)
+      for i in range(10):
+        pixels = rng.randint(0, 256, (40, 40, 3)).astype(np.uint8)
+        Image.fromarray(pixels).save(d / folder / c / f'{i}.png')
   return d
 
 
