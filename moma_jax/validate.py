@@ -213,6 +213,8 @@ def _check_moma(c: ml_collections.ConfigDict) -> None:
     _fail('moma.align', m.align, "one of 'cls', 'patch', 'both'")
   if m.teacher_norm not in ('own+ln', 'own', 'ln'):
     _fail('moma.teacher_norm', m.teacher_norm, "one of 'own+ln', 'own', 'ln'")
+  if m.get('target_stats', 'none') not in ('none', 'center', 'standardize'):
+    _fail('moma.target_stats', m.target_stats, "one of 'none', 'center', 'standardize'")
   if m.smooth_l1_beta < 0:
     _fail('moma.smooth_l1_beta', m.smooth_l1_beta, 'must be >= 0 (0: L1)')
   if m.get('projector_warmup_steps', 0) < 0:

@@ -63,9 +63,11 @@ def test_smooth_l1_and_layer_norm_match_torch():
   np.testing.assert_allclose(np.asarray(layer_norm(x)), ref_ln.numpy(), atol=1e-5)
 
 
-def test_loss_against_a_direct_computation():
-  """align=both, own+ln: recompute the loss by hand from the models' outputs."""
-  obj, frozen = _objective()
+@pytest.mark.parametrize('stats', ['none', 'center', 'standardize'])
+def test_loss_against_a_direct_computation(stats):
+  """align=both, own+ln (+ batch statistics per position and channel): recompute the loss by
+  hand from the models' outputs."""
+  obj, frozen = _objective(target_stats=stats)
   params, extra = obj.init(jax.random.key(0))
   batch = _batch()
   rng = jax.random.key(5)
@@ -80,7 +82,11 @@ def test_loss_against_a_direct_computation():
   for name, view in (('mae', x), ('moco', xs)):
     t = obj.teachers[name].model
     tt, _ = t.apply(frozen[name], x)
-    tgt = np.asarray(layer_norm(tt))
+    tgt = np.asarray(layer_norm(tt), np.float64)
+    if stats != 'none':
+      tgt = tgt - tgt.mean(0)
+    if stats == 'standardize':
+      tgt = tgt / np.sqrt(tgt.var(0) + 1e-6)
     tgt = np.concatenate(
       [tgt[:, :1], np.take_along_axis(tgt[:, 1:], np.asarray(keep)[..., None], 1)], 1
     )

@@ -131,6 +131,12 @@ def plan(tables: tuple[str, ...], mask_ratios: tuple[float, ...] = MASK_RATIOS) 
       rows.append(Row('mech', f'supervised -> pre-trained MAE mu student, mask {100 * r:.0f}%',
                       Run(f'sup_to_mae_mask{round(100 * r)}', 'mae_to_moco',
                           (sup, ('student.checkpoint', T('mae_mu')), ('moma.mask_ratio', r)))))  # fmt: skip
+    for stats in ('center', 'standardize'):  # the image-specific part of the target, weighted up
+      for r in (0.9, 0.0):
+        rows.append(Row('mech', f'supervised -> pre-trained MAE mu, mask {100 * r:.0f}%, target_stats={stats}',
+                        Run(f'sup_to_mae_{stats}_mask{round(100 * r)}', 'mae_to_moco',
+                            (sup, ('student.checkpoint', T('mae_mu')), ('moma.mask_ratio', r),
+                             ('moma.target_stats', stats)))))  # fmt: skip
   return rows
 
 

@@ -24,6 +24,11 @@ Open choices of the paper, all options (defaults chosen here and why):
                           otherwise rewrite a pre-trained student (docs/results.md). Not in the
                           paper; 0 = off.
   projector_lr_scale      the projectors' lr = this x the encoder's (1 = the paper's one lr).
+  target_stats='none'     after N, per (token position, channel) over the global batch: 'center'
+                          subtracts the batch mean, 'standardize' also divides by the batch std,
+                          so the loss weighs what differs between images rather than what every
+                          image's target shares (docs/results.md: most of an LN-ed target is the
+                          per-position mean). Not in the paper.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ Array = jax.Array
 
 ALIGN = ('cls', 'patch', 'both')
 TEACHER_NORM = ('own+ln', 'own', 'ln')
+TARGET_STATS = ('none', 'center', 'standardize')
 STUDENT_VIEWS = ('masked', 'strong', 'both')
 
 
@@ -89,6 +95,7 @@ class Moma:
   mask_strong_view: bool = True
   projector_warmup_steps: int = 0
   projector_lr_scale: float = 1.0
+  target_stats: str = 'none'
   input_norm: Normalization = IMAGENET  # the student's input statistics
 
   def __post_init__(self):
@@ -97,6 +104,7 @@ class Moma:
     for name, value, allowed in (
       ('align', self.align, ALIGN),
       ('teacher_norm', self.teacher_norm, TEACHER_NORM),
+      ('target_stats', self.target_stats, TARGET_STATS),
     ):
       if value not in allowed:
         raise ValueError(f'moma.{name}={value!r}; choose one of {allowed}')
@@ -184,6 +192,10 @@ class Moma:
       target = aux['encoded'].astype(jnp.float32)
       if self.teacher_norm == 'own+ln':
         target = layer_norm(target)
+    if self.target_stats != 'none':  # per (position, channel), over the (global) batch
+      target = target - target.mean(axis=0, keepdims=True)
+      if self.target_stats == 'standardize':
+        target = target / jnp.sqrt(jnp.mean(jnp.square(target), axis=0, keepdims=True) + 1e-6)
     return jax.lax.stop_gradient(target)
 
   def _select(self, tokens: Array) -> Array:
