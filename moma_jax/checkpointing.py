@@ -59,6 +59,14 @@ class Checkpointer:
       raise self._write_error(failing, previous, e) from None
 
   def _write_error(self, step: int, previous: int | None, e: Exception) -> CheckpointWriteError:
+    """The one-line error of a failed save, after removing the save's half-written temporary
+    directory (orbax leaves it behind; a resume ignores it, but it holds the space that ran out)."""
+    try:
+      for p in self.directory.iterdir():
+        if '.orbax-checkpoint-tmp' in p.name:
+          p.rmtree()
+    except Exception:  # noqa: BLE001  (best effort: the error below is what matters)
+      pass
     first = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
     kept = (
       f'the checkpoint of step {previous} is intact'

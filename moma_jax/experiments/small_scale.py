@@ -20,6 +20,7 @@ Tables (analogues of the paper's; sizes pico < mu < milli play S < B < L):
   mech a supervised mu/4 teacher (trained with the labels, not self-supervised) -> the pre-trained
       MAE mu student and a random mu student: the student must move toward a clearly better
       teacher, whatever the SSL teachers are worth.
+  cls the lever the mechanism check found (align the CLS token only) on the three settings.
 The command is resumable: finished runs are read back from WORKDIR/results.json. It writes
 WORKDIR/results.md, results.json and the PNG plots (loss curves, accuracy vs mask ratio).
 """
@@ -43,7 +44,7 @@ from moma_jax import hardware
 from moma_jax.experiments import teachers
 
 STEPS = 600  # per run; every row gets the same budget
-TABLES = ('t2', 't3', 't4', 'abl', 'mech')
+TABLES = ('t2', 't3', 't4', 'abl', 'mech', 'cls')
 MASK_RATIOS = (0.75, 0.8, 0.85, 0.9, 0.95)
 
 
@@ -137,6 +138,32 @@ def plan(tables: tuple[str, ...], mask_ratios: tuple[float, ...] = MASK_RATIOS) 
                         Run(f'sup_to_mae_{stats}_mask{round(100 * r)}', 'mae_to_moco',
                             (sup, ('student.checkpoint', T('mae_mu')), ('moma.mask_ratio', r),
                              ('moma.target_stats', stats)))))  # fmt: skip
+    # The class lives in the teacher's CLS token: 1 of the 7 (mask 90%) or 65 tokens of the loss.
+    for r in (0.9, 0.0):
+      rows.append(Row('mech', f'supervised -> pre-trained MAE mu, mask {100 * r:.0f}%, align CLS only',
+                      Run(f'sup_to_mae_cls_mask{round(100 * r)}', 'mae_to_moco',
+                          (sup, ('student.checkpoint', T('mae_mu')), ('moma.mask_ratio', r),
+                           ('moma.align', 'cls')))))  # fmt: skip
+    rows.append(Row('mech', 'supervised -> pre-trained MAE mu, mask 90%, lr x4 (peak 1e-3)',
+                    Run('sup_to_mae_lr4', 'mae_to_moco',
+                        (sup, ('student.checkpoint', T('mae_mu')), ('optim.base_lr', 4e-3)))))  # fmt: skip
+  if 'cls' in tables:  # the mechanism check's lever on the shipped SSL teachers
+    cls = ('moma.align', 'cls')
+    rows += [
+      Row('cls', 'MoCo v3 mu teacher', _shipped('mocov3_mu')),
+      Row('cls', 'MAE mu (student of MoCo -> MAE) before', _shipped('mae_mu')),
+      Row('cls', 'MoCo -> MAE, align both (the paper)', moco_to_mae),
+      Row('cls', 'MoCo -> MAE, align CLS only', Run('moco_to_mae_cls', 'moco_to_mae', (cls,))),
+      Row('cls', 'MAE -> MoCo, align both (the paper)', mae_to_moco),
+      Row('cls', 'MAE -> MoCo, align CLS only', Run('mae_to_moco_cls', 'mae_to_moco', (cls,))),
+      Row('cls', 'Multi -> random mu, align CLS only', Run('multi_cls', 'multi_teacher', (cls,))),
+      Row(
+        'cls',
+        'MoCo -> MAE, align CLS only, target_stats=center',
+        Run('moco_to_mae_cls_center', 'moco_to_mae', (cls, ('moma.target_stats', 'center'))),
+      ),
+      Row('cls', 'random-init mu/4 (no training; the floor)', _random('mu/4')),
+    ]
   return rows
 
 
@@ -267,6 +294,7 @@ TITLES = {
   't4': 'Table 4 analogue: mask ratio (MoCo -> MAE)',
   'abl': 'Ablations (MoCo -> MAE)',
   'mech': 'Mechanism check: a supervised teacher (mask 90%)',
+  'cls': 'The CLS token alone as the target (align=cls), shipped SSL teachers, mask 90%',
 }
 
 
