@@ -48,7 +48,8 @@ def _knn_rows(final: dict[str, Any], model: str, chance: float | None) -> list[t
 
 def final_block(
   *, name: str, objective: str, step: int, total_steps: int, seconds: float, dataset: str,
-  num_classes: int, final: dict[str, Any],
+  num_classes: int, final: dict[str, Any], first_step: int = 0, workdir: str = '',
+  exported: bool = False,
 ) -> list[str]:  # fmt: skip
   """Lines of the summary: run facts, then k-NN and / or classification results with baselines.
 
@@ -56,7 +57,10 @@ def final_block(
   teachers, the same architecture randomly initialised, raw pixels, chance), one column for the
   k-NN top-1 and, when the linear probe ran (``knn/.../linear`` keys), one for its top-1.
   """
-  lines = [f'{name}: {step}/{total_steps} steps in {seconds:.0f} s ({objective})']
+  ran = f'in {seconds:.0f} s'
+  if first_step:  # a resumed run: what this process ran, not the whole schedule
+    ran = f'({step - first_step} steps in {seconds:.0f} s, resumed at step {first_step})'
+  lines = [f'{name}: {step}/{total_steps} steps {ran} ({objective})']
   chance = 1.0 / num_classes if num_classes else None
   model = {'moma': 'student', 'classification': 'classifier'}.get(objective, 'model')
   if 'knn/model/top1' in final:
@@ -81,4 +85,15 @@ def final_block(
       f'classification on {dataset}: top-1 {_pct(final["eval/top1"]).strip()}, '
       f'top-5 {_pct(final.get("eval/top5", float("nan"))).strip()}{extra}'
     )
+  if workdir:
+    out = f'{workdir}/export/model (Flax) and model.pth (PyTorch), ' if exported else ''
+    lines.append(
+      f'outputs: {out}checkpoints in {workdir}/checkpoints, metrics: tensorboard --logdir {workdir}'
+    )
+    if exported:
+      lines.append(
+        f'next: python main.py --config=configs/linear_probe.py:checkpoint={workdir}/export/model '
+        '--workdir=DIR (or finetune.py), moma-knn --checkpoint '
+        f'{workdir} --dataset NAME'
+      )
   return lines

@@ -749,7 +749,8 @@ def _train(config, workdir, setup: Setup, train_src, evaluations: list[Evaluatio
   final['summary'] = summary.final_block(
     name=config.name, objective=config.objective, step=step, total_steps=total_steps,
     seconds=time.perf_counter() - t_start, dataset=f'{config.data.name}/{_eval_split(config)}',
-    num_classes=train_src.num_classes, final=final,
+    num_classes=train_src.num_classes, final=final, first_step=first_step,
+    workdir=str(workdir), exported=bool(exported),
   )  # fmt: skip
   if jax.process_index() == 0:
     storage.write_text_atomic(

@@ -61,3 +61,15 @@ def test_knn_only_when_no_linear_probe_ran():
 def test_classification_line_unchanged():
   lines = _block({'eval/top1': 0.5, 'eval/top5': 0.9}, objective='classification')
   assert lines[1:] == ['classification on digits_m/test: top-1 50.0%, top-5 90.0%, chance 10.0%']
+
+
+def test_a_resumed_run_says_what_it_ran_and_every_run_where_its_outputs_are():
+  lines = summary.final_block(
+    name='moco_to_mae', objective='moma', step=300, total_steps=300, seconds=38.2,
+    dataset='digits/test', num_classes=10, final={}, first_step=138, workdir='/tmp/wd',
+    exported=True,
+  )  # fmt: skip
+  assert lines[0] == 'moco_to_mae: 300/300 steps (162 steps in 38 s, resumed at step 138) (moma)'
+  assert lines[1].startswith('outputs: /tmp/wd/export/model (Flax) and model.pth (PyTorch)')
+  assert 'configs/linear_probe.py:checkpoint=/tmp/wd/export/model' in lines[2]
+  assert 'moma-knn --checkpoint /tmp/wd' in lines[2]

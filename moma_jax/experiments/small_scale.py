@@ -147,6 +147,10 @@ def plan(tables: tuple[str, ...], mask_ratios: tuple[float, ...] = MASK_RATIOS) 
     rows.append(Row('mech', 'supervised -> pre-trained MAE mu, mask 90%, lr x4 (peak 1e-3)',
                     Run('sup_to_mae_lr4', 'mae_to_moco',
                         (sup, ('student.checkpoint', T('mae_mu')), ('optim.base_lr', 4e-3)))))  # fmt: skip
+    rows.append(Row('mech', 'supervised -> pre-trained MAE mu, mask 90%, align CLS only, lr x4',
+                    Run('sup_to_mae_cls_lr4', 'mae_to_moco',
+                        (sup, ('student.checkpoint', T('mae_mu')), ('moma.align', 'cls'),
+                         ('optim.base_lr', 4e-3)))))  # fmt: skip
   if 'cls' in tables:  # the mechanism check's lever on the shipped SSL teachers
     cls = ('moma.align', 'cls')
     rows += [
@@ -161,6 +165,16 @@ def plan(tables: tuple[str, ...], mask_ratios: tuple[float, ...] = MASK_RATIOS) 
         'cls',
         'MoCo -> MAE, align CLS only, target_stats=center',
         Run('moco_to_mae_cls_center', 'moco_to_mae', (cls, ('moma.target_stats', 'center'))),
+      ),
+      Row(
+        'cls',
+        'MoCo -> MAE, align CLS only, mask 0% (is it the teacher?)',
+        Run('moco_to_mae_cls_mask0', 'moco_to_mae', (cls, ('moma.mask_ratio', 0.0))),
+      ),
+      Row(
+        'cls',
+        'MoCo -> MAE, align both, lr x4 (peak 1e-3)',
+        Run('moco_to_mae_lr4', 'moco_to_mae', (('optim.base_lr', 4e-3),)),
       ),
       Row('cls', 'random-init mu/4 (no training; the floor)', _random('mu/4')),
     ]
@@ -401,6 +415,8 @@ def main(argv: list[str] | None = None) -> dict:
   p.add_argument('--steps', type=int, default=STEPS, help='training steps per run')
   p.add_argument('--no-floor', action='store_true', help='skip the raw-pixel floor (~1 min)')
   p.add_argument('--mask-ratios', type=float, nargs='+', default=list(MASK_RATIOS), help='t4 rows')
+  p.add_argument('--only', nargs='+', default=None, help='train only these run keys (the report '
+                 'shows every row with results)')  # fmt: skip
   a = p.parse_args(argv)
   hardware.quiet_libtpu()  # before JAX starts: no libtpu start-up errors without a TPU
   missing = [n for n in teachers.RECIPES if not os.path.isfile(teachers.path(n))]
@@ -416,6 +432,8 @@ def main(argv: list[str] | None = None) -> dict:
   results = state['results']
   t_start = time.time()
   for run in unique_runs(rows):
+    if a.only and run.key not in a.only:
+      continue
     for seed in range(a.seeds if run.seeded else 1):
       if str(seed) in results.get(run.key, {}):
         continue
@@ -433,7 +451,7 @@ def main(argv: list[str] | None = None) -> dict:
   env = {
     'command': 'python -m moma_jax.experiments.small_scale --workdir=DIR '
     + ' '.join(f'--{k.replace("_", "-")} {" ".join(map(str, v)) if isinstance(v, list) else v}'
-               for k, v in vars(a).items() if k not in ('workdir', 'no_floor'))
+               for k, v in vars(a).items() if k not in ('workdir', 'no_floor', 'only'))
     + (' --no-floor' if a.no_floor else ''),
     'steps': a.steps, 'jax': jax.__version__,
     'machine': f'{platform.machine()}, {os.cpu_count()} cores', 'total_min': total / 60,
