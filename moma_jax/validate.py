@@ -195,6 +195,16 @@ def _check_data(c: ml_collections.ConfigDict) -> None:
       _fail(
         f'data.views.{vname}.scale', scale, 'a (min, max) area fraction with 0 < min <= max <= 1'
       )
+  if c.get('objective') not in ('dino', 'mokd'):  # one image size for every view (no multi-crop)
+    off = {v: view.get('size', 224) for v, view in dict(d.views).items()}
+    off = {v: size for v, size in off.items() if size != d.image_size}
+    if off:
+      fix = ' '.join(f'--config.data.views.{v}.size={d.image_size}' for v in off)
+      _fail(
+        f'data.views.{next(iter(off))}.size', next(iter(off.values())),
+        f'every view must be data.image_size={d.image_size}px; to change the image size pass '
+        f'{fix} with --config.data.image_size',
+      )  # fmt: skip
   for ename, ev in dict(c.get('evaluators', {})).items():
     if ename not in ('knn', 'classification'):
       _fail(f'evaluators.{ename}', '...', "unknown evaluator; known: 'knn', 'classification'")

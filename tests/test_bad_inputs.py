@@ -79,6 +79,12 @@ CASES = [
     2,
     'batch_size=64 is larger than the 20 training examples',
   ),
+  (  # before the dataset is opened; names every view to change
+    'image-size-without-views',
+    [M2M, '--config.data.image_size=48'],
+    2,
+    '--config.data.views.strong.size=48 --config.data.views.teacher.size=48',
+  ),
   ('folder-missing', [M2M, '--config.data.name=folder:{FILES}/nope'], 2, 'no such folder'),
   ('folder-is-file', [M2M, '--config.data.name=folder:{FILES}/plain.txt'], 2, 'is a file'),
   (
