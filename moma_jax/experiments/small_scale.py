@@ -173,6 +173,11 @@ def plan(tables: tuple[str, ...], mask_ratios: tuple[float, ...] = MASK_RATIOS) 
       ),
       Row(
         'cls',
+        'MoCo -> MAE, align CLS only, mask 50%',
+        Run('moco_to_mae_cls_mask50', 'moco_to_mae', (cls, ('moma.mask_ratio', 0.5))),
+      ),
+      Row(
+        'cls',
         'MoCo -> MAE, align both, lr x4 (peak 1e-3)',
         Run('moco_to_mae_lr4', 'moco_to_mae', (('optim.base_lr', 4e-3),)),
       ),
