@@ -178,6 +178,20 @@ def plan(tables: tuple[str, ...], mask_ratios: tuple[float, ...] = MASK_RATIOS) 
       ),
       Row(
         'cls',
+        'MoCo -> MAE, align CLS only, mask 25%',
+        Run('moco_to_mae_cls_mask25', 'moco_to_mae', (cls, ('moma.mask_ratio', 0.25))),
+      ),
+      Row(
+        'cls',
+        'MoCo -> MAE, align CLS only, mask 50%, lr x4',
+        Run(
+          'moco_to_mae_cls_mask50_lr4',
+          'moco_to_mae',
+          (cls, ('moma.mask_ratio', 0.5), ('optim.base_lr', 4e-3)),
+        ),
+      ),
+      Row(
+        'cls',
         'MoCo -> MAE, align both, lr x4 (peak 1e-3)',
         Run('moco_to_mae_lr4', 'moco_to_mae', (('optim.base_lr', 4e-3),)),
       ),
