@@ -33,7 +33,8 @@ def test_shipped_teacher_converts_and_matches_the_torch_file(name):
   path = teachers.path(name)
   recipe = teachers.RECIPES[name]
   kind = formats.split(formats.read_file(path)).format
-  assert kind.startswith('mae' if name.startswith('mae') else 'mocov3'), kind
+  expected = {'mae': 'mae', 'mocov3': 'mocov3', 'supervised': 'timm'}[name.split('_')[0]]
+  assert kind.startswith(expected), kind  # the supervised classifier: CLS pool + head, timm naming
   raw = torch.load(path, map_location='cpu', weights_only=True)
   state = raw['model'] if 'model' in raw else raw['state_dict']
   prefix = '' if 'model' in raw else 'module.base_encoder.'
@@ -51,8 +52,10 @@ def test_shipped_teacher_converts_and_matches_the_torch_file(name):
   if name.startswith('mocov3'):  # the momentum encoder and both heads travel with the file
     assert any(k.startswith('module.momentum_encoder.') for k in state)
     assert {'projector', 'predictor'} <= set(loaded.heads)
-  else:
+  elif name.startswith('mae'):
     assert 'decoder' in loaded.heads
+  else:
+    assert m.num_classes == 10  # the classifier's head travels too
 
 
 def test_runlocal_configs_default_to_the_shipped_teachers():
