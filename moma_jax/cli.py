@@ -190,6 +190,8 @@ def main(argv):
     validate.validate(config, None if _PLAN.value else _WORKDIR.value)
   except validate.ConfigError as e:
     _usage_error(str(e))
+  from moma_jax.data import tf_quiet  # noqa: F401  (before clu / train import TensorFlow loudly)
+
   if flags.FLAGS.verbosity < 1:
     logging.get_absl_handler().python_handler.addFilter(_OwnInfoOnly())
   if _PLAN.value is not None:

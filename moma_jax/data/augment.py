@@ -13,7 +13,7 @@ import dataclasses
 import math
 from typing import Any
 
-import tensorflow as tf
+from moma_jax.data.tf_quiet import tf
 
 # MoCo v3 / BYOL colour jitter strengths (brightness, contrast, saturation, hue).
 MOCO_JITTER = (0.4, 0.4, 0.2, 0.1)

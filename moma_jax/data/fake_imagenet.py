@@ -23,8 +23,9 @@ import tarfile
 from collections.abc import Iterator
 
 import numpy as np
-import tensorflow as tf
 from PIL import Image
+
+from moma_jax.data.tf_quiet import tf
 
 CMYK_FILE = ('n01739381', 'n01739381_1309.JPEG')
 PNG_FILE = ('n02105855', 'n02105855_2933.JPEG')

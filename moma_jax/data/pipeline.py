@@ -31,13 +31,13 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-import tensorflow as tf
 from absl import logging
 
 from moma_jax.data import augment, sources
 from moma_jax.data.augment import ViewSpec
 from moma_jax.data.photometric import AUG_SEED
 from moma_jax.data.sources import HostSplit
+from moma_jax.data.tf_quiet import tf
 
 AUTOTUNE = tf.data.AUTOTUNE
 MAX_UNREADABLE_IN_A_ROW = 100  # consecutive unreadable training examples that stop the run

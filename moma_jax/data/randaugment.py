@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 
-import tensorflow as tf
+from moma_jax.data.tf_quiet import tf
 
 _MAX = 10.0
 _FILL = (124.0, 116.0, 104.0)  # timm fills exposed pixels with the ImageNet mean

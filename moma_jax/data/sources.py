@@ -36,9 +36,9 @@ import dataclasses
 from collections.abc import Callable
 
 import numpy as np
-import tensorflow as tf
 
 from moma_jax.data.embedded import NAMES as EMBEDDED
+from moma_jax.data.tf_quiet import tf
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp')
 
