@@ -62,14 +62,25 @@ def load_checkpoint(
     except ConvertError as e:
       if 'number of heads' not in str(e):
         raise ValueError(str(e)) from e
-      try:  # the config's variant, when its width / depth / patch are the file's
-        convert_checkpoint(path, out, variant=variant or 'unknown')
-      except ConvertError:
+      if not (variant and _converts(path, out, variant)):
         raise ValueError(
           f'{str(e).split(";")[0]}; convert it first (python -m convert --src {path} --dst DIR '
           "--num-heads N) and give DIR, or set this model's variant in the config to its size"
         ) from e
     return pretrained.load_pretrained(out, shapes_only, **overrides)
+
+
+def _converts(path: str, out: str, variant: str) -> bool:
+  """Converts ``path`` with the config's variant for its head count; False when the variant's
+  width / depth / patch are not the file's (the converter checks them)."""
+  from convert.convert import convert_checkpoint
+  from convert.errors import ConvertError
+
+  try:
+    convert_checkpoint(path, out, variant=variant)
+  except ConvertError:
+    return False
+  return True
 
 
 @dataclasses.dataclass(frozen=True)

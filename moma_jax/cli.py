@@ -81,7 +81,7 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 def _config_keys(argv: list[str]) -> list[str]:
   """Every dotted key of the --config file's config (for suggestions; [] if it cannot load)."""
-  import importlib.util
+  from moma_jax import validate
 
   arg = next((a[len('--config=') :] for a in argv if a.startswith('--config=')), '')
   path, _, args = arg.partition(':')
@@ -89,19 +89,9 @@ def _config_keys(argv: list[str]) -> list[str]:
     spec = importlib.util.spec_from_file_location('_config_for_keys', path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    config = module.get_config(args or None)
+    return list(validate.flatten_config(module.get_config(args or None)))
   except Exception:  # noqa: BLE001  (only a hint: the error line is printed either way)
     return []
-
-  def walk(node, prefix):
-    for k in node:
-      value = node[k]
-      if hasattr(value, 'keys') and not isinstance(value, dict):
-        yield from walk(value, f'{prefix}{k}.')
-      else:
-        yield f'{prefix}{k}'
-
-  return list(walk(config, ''))
 
 
 # What other trainers call a key (big_vision, MaxText, timm, torch scripts) -> this project's name.
@@ -147,10 +137,8 @@ class _OwnInfoOnly(logging_std.Filter):
   def filter(self, record: logging_std.LogRecord) -> bool:
     if record.pathname.startswith(self._ours):
       return True
-    theirs = (
-      f'{os.sep}orbax{os.sep}' in record.pathname or record.name == 'asyncio'
-    )  # orbax's tasks
-    return record.levelno >= logging_std.WARNING and not theirs
+    orbax = f'{os.sep}orbax{os.sep}' in record.pathname or record.name == 'asyncio'  # its tasks
+    return record.levelno >= logging_std.WARNING and not orbax
 
 
 def _resolve_config_arg(argv: list[str]) -> list[str]:

@@ -32,7 +32,17 @@ from clu import metric_writers, periodic_actions
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from moma_jax import builders, checkpointing, hardware, images, optim, sharding, storage, summary
+from moma_jax import (
+  builders,
+  checkpointing,
+  hardware,
+  images,
+  optim,
+  sharding,
+  storage,
+  summary,
+  validate,
+)
 from moma_jax.data import device, photometric, pipeline, sources
 from moma_jax.evaluators.classification import ClassificationEvaluator
 from moma_jax.evaluators.knn import KnnEvaluator, encoder_features, pixel_features
@@ -329,18 +339,11 @@ RESUMABLE_CHANGES = (
 
 
 def _flat_config(config: ml_collections.ConfigDict) -> dict[str, str]:
-  flat = {}
-
-  def walk(node, prefix):
-    for k, v in node.items():
-      key = f'{prefix}{k}'
-      if isinstance(v, (dict, ml_collections.ConfigDict)):
-        walk(v, key + '.')
-      else:
-        flat[key] = json.dumps(v, default=str, sort_keys=True)
-
-  walk(json.loads(config.to_json_best_effort()), '')
-  return {k: v for k, v in flat.items() if not k.startswith(RESUMABLE_CHANGES)}
+  return {
+    k: json.dumps(v, default=str, sort_keys=True)
+    for k, v in validate.flatten_config(config).items()
+    if not k.startswith(RESUMABLE_CHANGES)
+  }
 
 
 def check_same_experiment(config, stored: dict[str, str] | None, workdir: str) -> None:

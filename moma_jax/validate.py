@@ -28,6 +28,22 @@ class ConfigError(ValueError):
   """A setting that cannot work; the message is one line: setting, value, what to do."""
 
 
+def flatten_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """{dotted key: value} of every leaf of a config, as its JSON form has them (the trainer's
+  experiment fingerprint; the command line's key suggestions)."""
+  flat = {}
+
+  def walk(node, prefix):
+    for k, v in node.items():
+      if isinstance(v, dict):
+        walk(v, f'{prefix}{k}.')
+      else:
+        flat[f'{prefix}{k}'] = v
+
+  walk(json.loads(config.to_json_best_effort()), '')
+  return flat
+
+
 def _fail(setting: str, value: Any, what: str) -> None:
   raise ConfigError(f'{setting}={value!r}: {what}')
 

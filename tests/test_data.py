@@ -518,7 +518,7 @@ def test_all_unreadable_folder_stops_the_run_with_one_line_naming_a_file(tmp_pat
   p = subprocess.run(
     [sys.executable, 'main.py', '--config=configs/mae_pretrain.py:runlocal', f'--workdir={wd}',
      f'--config.data.name=folder:{tmp_path / "data"}', '--config.evaluators.knn.before=False',
-     '--config.evaluators.knn.at_end=False'],
+     '--config.evaluators.knn.at_end=False', '--config.batch_size=8'],  # 12 files: batch 8 fits
     cwd=ROOT, capture_output=True, text=True, timeout=300,
     env={**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': FAST_COMPILE},
   )  # fmt: skip

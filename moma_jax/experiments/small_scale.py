@@ -119,84 +119,61 @@ def plan(tables: tuple[str, ...], mask_ratios: tuple[float, ...] = MASK_RATIOS) 
     ]  # fmt: skip
   if 'mech' in tables:  # issue 29: does a student move toward a teacher that is clearly better?
     sup = ('teachers.mae.checkpoint', T('supervised_mu'))
+
+    def sup_to_mae(key: str, label: str, *overrides) -> Row:
+      run = Run(key, 'mae_to_moco', (sup, ('student.checkpoint', T('mae_mu')), *overrides))
+      return Row('mech', f'supervised -> pre-trained MAE mu{label}', run)
+
     rows += [
       Row('mech', 'supervised mu teacher (trained with labels)', _shipped('supervised_mu')),
       Row('mech', 'MAE mu student before distillation', _shipped('mae_mu')),
       Row('mech', 'random-init mu/4 (no training; the floor)', _random('mu/4')),
-      Row('mech', 'supervised -> pre-trained MAE mu student',
-          Run('sup_to_mae', 'mae_to_moco', (sup, ('student.checkpoint', T('mae_mu'))))),
+      sup_to_mae('sup_to_mae', ' student'),
       Row('mech', 'supervised -> random mu student',
           Run('sup_to_random', 'mae_to_moco', (sup, ('student.checkpoint', '')))),
     ]  # fmt: skip
     for r in (0.75, 0.0):  # how much of what is missing is the 6 of 64 patches the student sees
-      rows.append(Row('mech', f'supervised -> pre-trained MAE mu student, mask {100 * r:.0f}%',
-                      Run(f'sup_to_mae_mask{round(100 * r)}', 'mae_to_moco',
-                          (sup, ('student.checkpoint', T('mae_mu')), ('moma.mask_ratio', r)))))  # fmt: skip
+      rows.append(sup_to_mae(f'sup_to_mae_mask{round(100 * r)}', f' student, mask {100 * r:.0f}%',
+                             ('moma.mask_ratio', r)))  # fmt: skip
     for stats in ('center', 'standardize'):  # the image-specific part of the target, weighted up
       for r in (0.9, 0.0):
-        rows.append(Row('mech', f'supervised -> pre-trained MAE mu, mask {100 * r:.0f}%, target_stats={stats}',
-                        Run(f'sup_to_mae_{stats}_mask{round(100 * r)}', 'mae_to_moco',
-                            (sup, ('student.checkpoint', T('mae_mu')), ('moma.mask_ratio', r),
-                             ('moma.target_stats', stats)))))  # fmt: skip
+        rows.append(sup_to_mae(f'sup_to_mae_{stats}_mask{round(100 * r)}',
+                               f', mask {100 * r:.0f}%, target_stats={stats}',
+                               ('moma.mask_ratio', r), ('moma.target_stats', stats)))  # fmt: skip
     # The class lives in the teacher's CLS token: 1 of the 7 (mask 90%) or 65 tokens of the loss.
     for r in (0.9, 0.0):
-      rows.append(Row('mech', f'supervised -> pre-trained MAE mu, mask {100 * r:.0f}%, align CLS only',
-                      Run(f'sup_to_mae_cls_mask{round(100 * r)}', 'mae_to_moco',
-                          (sup, ('student.checkpoint', T('mae_mu')), ('moma.mask_ratio', r),
-                           ('moma.align', 'cls')))))  # fmt: skip
-    rows.append(Row('mech', 'supervised -> pre-trained MAE mu, mask 90%, lr x4 (peak 1e-3)',
-                    Run('sup_to_mae_lr4', 'mae_to_moco',
-                        (sup, ('student.checkpoint', T('mae_mu')), ('optim.base_lr', 4e-3)))))  # fmt: skip
-    rows.append(Row('mech', 'supervised -> pre-trained MAE mu, mask 90%, align CLS only, lr x4',
-                    Run('sup_to_mae_cls_lr4', 'mae_to_moco',
-                        (sup, ('student.checkpoint', T('mae_mu')), ('moma.align', 'cls'),
-                         ('optim.base_lr', 4e-3)))))  # fmt: skip
+      rows.append(sup_to_mae(f'sup_to_mae_cls_mask{round(100 * r)}',
+                             f', mask {100 * r:.0f}%, align CLS only',
+                             ('moma.mask_ratio', r), ('moma.align', 'cls')))  # fmt: skip
+    rows.append(sup_to_mae('sup_to_mae_lr4', ', mask 90%, lr x4 (peak 1e-3)',
+                           ('optim.base_lr', 4e-3)))  # fmt: skip
+    rows.append(sup_to_mae('sup_to_mae_cls_lr4', ', mask 90%, align CLS only, lr x4',
+                           ('moma.align', 'cls'), ('optim.base_lr', 4e-3)))  # fmt: skip
   if 'cls' in tables:  # the mechanism check's lever on the shipped SSL teachers
     cls = ('moma.align', 'cls')
+
+    def m2m(key: str, label: str, *overrides) -> Row:
+      return Row('cls', f'MoCo -> MAE, {label}', Run(key, 'moco_to_mae', overrides))
+
     rows += [
       Row('cls', 'MoCo v3 mu teacher', _shipped('mocov3_mu')),
       Row('cls', 'MAE mu (student of MoCo -> MAE) before', _shipped('mae_mu')),
       Row('cls', 'MoCo -> MAE, align both (the paper)', moco_to_mae),
-      Row('cls', 'MoCo -> MAE, align CLS only', Run('moco_to_mae_cls', 'moco_to_mae', (cls,))),
+      m2m('moco_to_mae_cls', 'align CLS only', cls),
       Row('cls', 'MAE -> MoCo, align both (the paper)', mae_to_moco),
       Row('cls', 'MAE -> MoCo, align CLS only', Run('mae_to_moco_cls', 'mae_to_moco', (cls,))),
       Row('cls', 'Multi -> random mu, align CLS only', Run('multi_cls', 'multi_teacher', (cls,))),
-      Row(
-        'cls',
-        'MoCo -> MAE, align CLS only, target_stats=center',
-        Run('moco_to_mae_cls_center', 'moco_to_mae', (cls, ('moma.target_stats', 'center'))),
-      ),
-      Row(
-        'cls',
-        'MoCo -> MAE, align CLS only, mask 0% (is it the teacher?)',
-        Run('moco_to_mae_cls_mask0', 'moco_to_mae', (cls, ('moma.mask_ratio', 0.0))),
-      ),
-      Row(
-        'cls',
-        'MoCo -> MAE, align CLS only, mask 50%',
-        Run('moco_to_mae_cls_mask50', 'moco_to_mae', (cls, ('moma.mask_ratio', 0.5))),
-      ),
-      Row(
-        'cls',
-        'MoCo -> MAE, align CLS only, mask 25%',
-        Run('moco_to_mae_cls_mask25', 'moco_to_mae', (cls, ('moma.mask_ratio', 0.25))),
-      ),
-      Row(
-        'cls',
-        'MoCo -> MAE, align CLS only, mask 50%, lr x4',
-        Run(
-          'moco_to_mae_cls_mask50_lr4',
-          'moco_to_mae',
-          (cls, ('moma.mask_ratio', 0.5), ('optim.base_lr', 4e-3)),
-        ),
-      ),
-      Row(
-        'cls',
-        'MoCo -> MAE, align both, lr x4 (peak 1e-3)',
-        Run('moco_to_mae_lr4', 'moco_to_mae', (('optim.base_lr', 4e-3),)),
-      ),
+      m2m('moco_to_mae_cls_center', 'align CLS only, target_stats=center', cls,
+          ('moma.target_stats', 'center')),
+      m2m('moco_to_mae_cls_mask0', 'align CLS only, mask 0% (is it the teacher?)', cls,
+          ('moma.mask_ratio', 0.0)),
+      m2m('moco_to_mae_cls_mask50', 'align CLS only, mask 50%', cls, ('moma.mask_ratio', 0.5)),
+      m2m('moco_to_mae_cls_mask25', 'align CLS only, mask 25%', cls, ('moma.mask_ratio', 0.25)),
+      m2m('moco_to_mae_cls_mask50_lr4', 'align CLS only, mask 50%, lr x4', cls,
+          ('moma.mask_ratio', 0.5), ('optim.base_lr', 4e-3)),
+      m2m('moco_to_mae_lr4', 'align both, lr x4 (peak 1e-3)', ('optim.base_lr', 4e-3)),
       Row('cls', 'random-init mu/4 (no training; the floor)', _random('mu/4')),
-    ]
+    ]  # fmt: skip
   return rows
 
 
