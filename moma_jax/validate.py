@@ -341,6 +341,23 @@ def check_workdir(workdir: str) -> None:
     _fail('--workdir', workdir, f'{existing} is not writable; choose another directory')
 
 
+def _check_layer_decay(config: ml_collections.ConfigDict) -> None:
+  """Layer decay is MAE's fine-tuning rule, applied by the trainer to the 'model' ViT of the
+  classification objective (optim.layer_id reads 'model/blocks_i/...' paths) and only inside
+  AdamW: anywhere else it would fail after JAX starts (MOMA has no 'model') or do nothing."""
+  o = config.optim
+  if o.get('layer_decay', 1.0) >= 1.0:
+    return
+  if config.objective != 'classification':
+    _fail(
+      'optim.layer_decay', o.layer_decay,
+      f"is MAE's fine-tuning rule and applies only to objective 'classification' (configs/"
+      f'finetune.py), not {config.objective!r}; leave it at 1.0',
+    )  # fmt: skip
+  if o.get('name', 'adamw') != 'adamw':
+    _fail('optim.layer_decay', o.layer_decay, f"needs optim.name='adamw', not {o.name!r}")
+
+
 def validate(config: ml_collections.ConfigDict, workdir: str | None) -> None:
   """Raises ConfigError (one line) for the first setting that cannot work. ``workdir`` None: a
   plan (--plan), which writes nothing and needs none."""
@@ -349,6 +366,7 @@ def validate(config: ml_collections.ConfigDict, workdir: str | None) -> None:
   _check_run(config)
   if 'optim' in config:
     _check_optim(config.optim)
+    _check_layer_decay(config)
   _check_data(config)
   if config.objective == 'moma':
     _check_moma(config)

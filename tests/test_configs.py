@@ -70,3 +70,20 @@ def test_bad_arguments():
     finetune.get_config('recipe=pape')
   with pytest.raises(ValueError, match="dataset='svhn'"):
     transfer_cifar.get_config('dataset=svhn')
+
+
+def test_layer_decay_is_refused_where_it_means_nothing():
+  """--config.optim.layer_decay=0.75 on a MOMA run ended in AttributeError after JAX started
+  (issue 30); now a one-line ConfigError before, and fine-tuning keeps it."""
+  from configs import finetune, linear_probe, moco_to_mae
+  from moma_jax import validate
+
+  c = moco_to_mae.get_config('runlocal')
+  c.optim.layer_decay = 0.75
+  with pytest.raises(validate.ConfigError, match=r"^optim.layer_decay=0.75: .*'classification'"):
+    validate.validate(c, None)
+  c = linear_probe.get_config('runlocal')
+  c.optim.update(layer_decay=0.75, name='lars')
+  with pytest.raises(validate.ConfigError, match="needs optim.name='adamw', not 'lars'"):
+    validate.validate(c, None)
+  validate.validate(finetune.get_config(), None)  # layer_decay 0.65, AdamW: accepted
