@@ -40,6 +40,7 @@ _SLOW_FIRST = (
   'test_eval.py::test_finetune_runlocal_learns',
   'test_remote_storage.py::test_train_preempt_resume_export_on_gcs',
   'test_family.py::test_mocov3_global_batch_semantics_8_devices_equal_1',
+  'test_plan.py::test_shipped_full_configs_fsdp_and_two_slices_compile_and_fit',
   'test_reliability.py::test_full_disk_during_a_save_keeps_the_previous_checkpoint',
   'test_moma.py::test_two_processes_match_one',
   'test_moma.py::test_sharded_steps_match_single_device',

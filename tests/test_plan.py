@@ -111,11 +111,20 @@ def test_batch_spec_is_what_the_pipeline_yields(device_photometric):
   assert {k: (v.shape, v.dtype) for k, v in batch.items()} == spec
 
 
-def test_shipped_full_configs_compile_and_fit_for_a_small_slice():
+def test_shipped_full_configs_fsdp_and_two_slices_compile_and_fit():
   """Each full MOMA config and MAE / MoCo v3 pre-training at the paper's batch (4096) on a
-  v5litepod-8, through the trainer's set-up: fits, batch split, XLA FLOPs = the formula +- 5%."""
+  v5litepod-8, through the trainer's set-up: fits, batch split, XLA FLOPs = the formula +- 5%.
+  Then moco_to_mae with FSDP, over two slices, and with the teacher's flash attention. One
+  subprocess compiles all eight (the data-parallel moco_to_mae plan serves both parts)."""
   names = ['moco_to_mae', 'mae_to_moco', 'multi_teacher', 'mae_pretrain', 'mocov3_pretrain']
-  plans = _plans([{'config': n, 'target': 'v5litepod-8'} for n in names])
+  plans = _plans([{'config': n, 'target': 'v5litepod-8'} for n in names] + [
+    {'config': 'moco_to_mae', 'target': 'v5litepod-8',
+     'overrides': {'mesh': {'data': 1, 'fsdp': -1}}},
+    {'config': 'moco_to_mae', 'target': 'v5e:2x2,slices=2'},
+    {'config': 'moco_to_mae', 'target': 'v5litepod-8',
+     'overrides': {'mesh': {'data': 2, 'fsdp': -1}, 'teacher_attention': 'flash'}},
+  ])  # fmt: skip
+  plans, (fsdp, slices, flash) = plans[: len(names)], plans[len(names) :]
   for name, p in zip(names, plans, strict=True):
     assert 'error' not in p, (name, p)
     assert p['fits'] and p['hbm_bytes_per_chip'] <= p['hbm_capacity_bytes'] == 15.75 * GiB, name
@@ -130,17 +139,7 @@ def test_shipped_full_configs_compile_and_fit_for_a_small_slice():
   assert by_name['moco_to_mae']['steps_per_epoch'] == 1_281_167 // 4096  # ImageNet, not read
   assert by_name['moco_to_mae']['total_steps'] == 100 * (1_281_167 // 4096)  # 100 epochs
 
-
-def test_fsdp_and_two_slices_compile():
-  plans = _plans([
-    {'config': 'moco_to_mae', 'target': 'v5litepod-8'},
-    {'config': 'moco_to_mae', 'target': 'v5litepod-8',
-     'overrides': {'mesh': {'data': 1, 'fsdp': -1}}},
-    {'config': 'moco_to_mae', 'target': 'v5e:2x2,slices=2'},
-    {'config': 'moco_to_mae', 'target': 'v5litepod-8',
-     'overrides': {'mesh': {'data': 2, 'fsdp': -1}, 'teacher_attention': 'flash'}},
-  ])  # fmt: skip
-  dp, fsdp, slices, flash = plans
+  dp = by_name['moco_to_mae']
   # The teacher's Pallas flash attention compiles for the TPU, shard_mapped over a mixed mesh.
   assert flash['mesh'] == {'data': 2, 'fsdp': 4} and flash['fits'], flash
   assert fsdp['mesh'] == {'data': 1, 'fsdp': 8} and fsdp['fits']
