@@ -105,10 +105,17 @@ def optim_config(**overrides: Any) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(o)
 
 
+# The k-NN / linear-probe rows every pre-training run reports beside its model's: the same
+# architecture randomly initialised, and raw pixels.
+BASELINES = dict(raw_pixels=True, random_init=True)
+
+
 def knn_evaluator(**overrides: Any) -> ml_collections.ConfigDict:
   """k-NN (k=20, T=0.07, cosine) on the model's features; train split = memory bank."""
   e = dict(
-    every_steps=0, at_end=True, train_split='train', eval_split='validation',
+    # '' (the default): the data's own splits, data.train_split / data.eval_split, so pointing
+    # data at another dataset or folder needs no second override here
+    every_steps=0, at_end=True, train_split='', eval_split='',
     max_train=0,  # 0: the whole train split as the memory bank
     batch_size=1024, teachers=False, raw_pixels=False,
     random_init=False,  # also the model's architecture randomly initialised (a floor to beat)
@@ -127,7 +134,7 @@ def knn_evaluator(**overrides: Any) -> ml_collections.ConfigDict:
 
 def classification_evaluator(**overrides: Any) -> ml_collections.ConfigDict:
   """Top-1 / top-5 over the whole evaluation split."""
-  e = dict(every_steps=0, at_end=True, split='validation', batch_size=1024)
+  e = dict(every_steps=0, at_end=True, split='', batch_size=1024)  # split '': data.eval_split
   e.update(overrides)
   return ml_collections.ConfigDict(e)
 
@@ -166,6 +173,13 @@ def base_config(name: str) -> ml_collections.ConfigDict:
   return c
 
 
+def set_views(c: ml_collections.ConfigDict, **views: dict[str, Any]) -> None:
+  """c.data.views = ``views``, every one at data.image_size through an ml_collections reference:
+  one override, --config.data.image_size=N, resizes them all (a view's size set on its own
+  moves the others with it: these configs need one size for every view)."""
+  c.data.views = {n: dict(v, size=c.data.get_ref('image_size')) for n, v in views.items()}
+
+
 def moma_config(name: str, args: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """The full MOMA config with the paper's defaults; settings fill in teachers and student."""
   c = base_config(name)
@@ -173,9 +187,10 @@ def moma_config(name: str, args: ml_collections.ConfigDict) -> ml_collections.Co
   c.batch_size = 4096
   # One view per name; 'strong' shares the teacher's crop (same geometry) and adds the MoCo v3
   # view-1 strong augmentation. Only the views the teachers need are produced.
-  c.data.views = dict(
-    teacher=dict(size=224, scale=(0.2, 1.0)),
-    strong=dict(size=224, scale=(0.2, 1.0), share_crop_with='teacher', jitter_prob=0.8,
+  set_views(
+    c,
+    teacher=dict(scale=(0.2, 1.0)),
+    strong=dict(scale=(0.2, 1.0), share_crop_with='teacher', jitter_prob=0.8,
                 grayscale_prob=0.2, blur_prob=1.0, solarize_prob=0.0),
   )  # fmt: skip
   # remat='block' rematerialises each student block in the backward pass (less memory, more FLOPs).
@@ -206,7 +221,10 @@ def moma_config(name: str, args: ml_collections.ConfigDict) -> ml_collections.Co
     target_stats='none',  # 'none' | 'center' | 'standardize': per position over the batch
   )
   c.optim = optim_config(base_lr=1.5e-4, b2=0.95, warmup_epochs=20.0)
-  c.evaluators = dict(knn=knn_evaluator())
+  # Every row a result needs beside the student's (before and after): the teachers, the same
+  # architecture randomly initialised and raw pixels (area-resized to 32 px). On ImageNet each is
+  # one more pass over the memory bank and the validation split at the end of the run.
+  c.evaluators = dict(knn=knn_evaluator(**BASELINES, teachers=True))
   if args.get('runlocal'):
     runlocal(c)
   return c
@@ -219,10 +237,8 @@ def runlocal_data(c: ml_collections.ConfigDict) -> None:
   """
   c.data.name = 'digits'
   c.data.train_split, c.data.eval_split = 'train', 'test'
-  c.data.image_size = 32
+  c.data.image_size = 32  # the views too (set_views); multi-crop views are sized by their configs
   c.data.eval_resize_ratio = 1.0
-  for v in c.data.views.values():
-    v.size = 32
   digits_views(c.data.views)
 
 
@@ -252,9 +268,7 @@ def runlocal(c: ml_collections.ConfigDict) -> None:
   c.log_every = 25
   c.checkpoint_every = 100
   c.image_every = 100
-  c.evaluators.knn.update(
-    eval_split='test', teachers=True, raw_pixels=True, random_init=True, batch_size=256
-  )
+  c.evaluators.knn.batch_size = 256
 
 
 def classification_config(name: str, args: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -277,7 +291,7 @@ def classification_config(name: str, args: ml_collections.ConfigDict) -> ml_coll
     erase_prob=0.25,
     **NORM,
   )
-  c.data.views = dict(image=dict(size=224, scale=(0.08, 1.0), randaugment=(2, 9.0)))
+  set_views(c, image=dict(scale=(0.08, 1.0), randaugment=(2, 9.0)))
   c.evaluators = dict(
     classification=classification_evaluator(every_steps=0),
     knn=knn_evaluator(at_end=False),
@@ -294,7 +308,7 @@ def runlocal_classification(c: ml_collections.ConfigDict) -> None:
   c.classifier.update(
     mixup_alpha=0.0, cutmix_alpha=0.0, erase_prob=0.0, label_smoothing=0.0, drop_path=0.0
   )
-  c.data.views = dict(image=dict(size=32, scale=(0.5, 1.0)))
+  set_views(c, image=dict(scale=(0.5, 1.0)))
   runlocal_data(c)
   c.classifier.variant = 'mu/4'
   c.batch_size = 128
@@ -302,8 +316,8 @@ def runlocal_classification(c: ml_collections.ConfigDict) -> None:
   c.optim.warmup_steps = 40
   c.log_every = 50
   c.checkpoint_every = 200
-  c.evaluators.classification.update(split='test', batch_size=256)
-  c.evaluators.knn.update(eval_split='test', batch_size=256)
+  c.evaluators.classification.update(batch_size=256)
+  c.evaluators.knn.update(batch_size=256)
 
 
 def pretrain_config(
@@ -325,9 +339,9 @@ def pretrain_config(
     **NORM,
   )
   c.mae = dict(mask_ratio=0.75, norm_pix=True)
-  c.data.views = dict(image=dict(size=224, scale=(0.2, 1.0)))
+  set_views(c, image=dict(scale=(0.2, 1.0)))
   c.optim = optim_config(base_lr=1.5e-4, b2=0.95, warmup_epochs=40.0)
-  c.evaluators = dict(knn=knn_evaluator())
+  c.evaluators = dict(knn=knn_evaluator(**BASELINES))
   return c
 
 
@@ -341,4 +355,4 @@ def runlocal_pretrain(c: ml_collections.ConfigDict) -> None:
   c.log_every = 25
   c.checkpoint_every = 100
   c.image_every = 100
-  c.evaluators.knn.update(eval_split='test', raw_pixels=True, random_init=True, batch_size=256)
+  c.evaluators.knn.batch_size = 256

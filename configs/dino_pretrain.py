@@ -73,7 +73,7 @@ def get_config(arg: str | None = None):
   c.optim = dino_optim()
   if resnet:
     c.optim.update(name='sgd', base_lr=0.03, weight_decay=1e-4, weight_decay_end=1e-4)
-  c.evaluators = dict(knn=common.knn_evaluator())
+  c.evaluators = dict(knn=common.knn_evaluator(raw_pixels=True))
   if args.runlocal:
     runlocal(c, args.arch if args.arch != 'S/16' else 'mu/4')
   return c
@@ -101,4 +101,4 @@ def runlocal(c, arch: str) -> None:
     c.dino.warmup_teacher_temp_epochs = 5
   c.log_every = 25
   c.checkpoint_every = 100
-  c.evaluators.knn.update(eval_split='test', raw_pixels=True, batch_size=256)
+  c.evaluators.knn.batch_size = 256

@@ -34,7 +34,7 @@ def get_config(arg: str | None = None):
     raise ValueError(f"size={args.size!r}: the MAE recipe has 'B' and 'L'")
   if args.recipe == 'paper':
     c.optim.base_lr = 1.5e-3 * 256 / 1024
-    c.data.views.image = dict(size=224, scale=(0.08, 1.0), autoaugment=True)
+    common.set_views(c, image=dict(scale=(0.08, 1.0), autoaugment=True))
     c.classifier.mixup_alpha = 0.0
   elif args.recipe != 'mae':
     raise ValueError(f"recipe={args.recipe!r}; one of 'mae', 'paper'")

@@ -25,7 +25,7 @@ def get_config(arg: str | None = None):
   c.optim = common.optim_config(
     name=args.optimizer, base_lr=0.1, weight_decay=0.0, warmup_epochs=10.0
   )
-  c.data.views.image = dict(size=224, scale=(0.08, 1.0))
+  common.set_views(c, image=dict(scale=(0.08, 1.0)))
   if args.runlocal:
     common.runlocal_classification(c)
     # LARS (trust ratio 0.001) is built for ~7k steps at lr 6.4: in a few hundred steps it barely

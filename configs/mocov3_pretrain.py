@@ -19,8 +19,9 @@ def get_config(arg: str | None = None):
   c = common.pretrain_config('mocov3_pretrain', 'mocov3', args)
   c.mocov3 = dict(temperature=0.2, momentum=0.99, proj_hidden=4096, proj_dim=256,
                   freeze_patch_embed=True)  # fmt: skip
-  strong = dict(size=224, scale=(0.08, 1.0), jitter_prob=0.8, grayscale_prob=0.2)
-  c.data.views = dict(
+  strong = dict(scale=(0.08, 1.0), jitter_prob=0.8, grayscale_prob=0.2)
+  common.set_views(
+    c,
     view1=dict(**strong, blur_prob=1.0, solarize_prob=0.0),
     view2=dict(**strong, blur_prob=0.1, solarize_prob=0.2),
   )

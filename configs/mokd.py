@@ -52,7 +52,7 @@ def get_config(arg: str | None = None):
   c.optim_vit = common.optim_config(
     name='adamw', base_lr=3e-4, min_lr=1e-5, weight_decay=0.04, weight_decay_end=0.4, **shared
   )
-  c.evaluators = dict(knn=common.knn_evaluator())
+  c.evaluators = dict(knn=common.knn_evaluator(raw_pixels=True))
   if args.runlocal:
     runlocal(c, args)
   return c
@@ -77,4 +77,4 @@ def runlocal(c, args) -> None:
   c.optim_vit.update(base_lr=2e-3, min_lr=1e-5, warmup_steps=30)
   c.log_every = 25
   c.checkpoint_every = 100
-  c.evaluators.knn.update(eval_split='test', raw_pixels=True, batch_size=256)
+  c.evaluators.knn.batch_size = 256

@@ -18,13 +18,11 @@ def get_config(arg: str | None = None):
     raise ValueError(f"dataset={args.dataset!r}; one of 'cifar10', 'cifar100'")
   c = common.classification_config(f'transfer_{args.dataset}', args)
   c.data.update(name=args.dataset, train_split='train', eval_split='test', eval_resize_ratio=1.0)
-  c.evaluators.classification.split = 'test'
-  c.evaluators.knn.eval_split = 'test'
   c.classifier.update(
     pool='cls', drop_path=0.0, label_smoothing=0.0, mixup_alpha=0.0, cutmix_alpha=0.0,
     erase_prob=0.0,
   )  # fmt: skip
-  c.data.views.image = dict(size=224, scale=(0.08, 1.0))
+  common.set_views(c, image=dict(scale=(0.08, 1.0)))
   c.batch_size = 512
   c.num_train_steps = 10_000 if args.dataset == 'cifar10' else 20_000
   c.optim = common.optim_config(

@@ -232,7 +232,9 @@ def make_evaluations(config, objective, mesh, data_axes) -> list[Evaluation]:
       continue
     if name == 'knn':
       ev = KnnEvaluator(
-        dataset=config.data.name, train_split=ec.train_split, eval_split=ec.eval_split,
+        dataset=config.data.name,
+        train_split=validate.evaluator_split(config, ec, 'train_split'),
+        eval_split=validate.evaluator_split(config, ec, 'eval_split'),
         batch_size=ec.batch_size, max_train_examples=ec.max_train or None,
         linear=ec.get('linear', True), **common,
       )  # fmt: skip
@@ -266,7 +268,10 @@ def make_evaluations(config, objective, mesh, data_axes) -> list[Evaluation]:
       evals.append(Evaluation('knn', ec.every_steps, ec.at_end, run, final, before))
     elif name == 'classification':
       ev = ClassificationEvaluator(
-        dataset=config.data.name, split=ec.split, batch_size=ec.batch_size, **common
+        dataset=config.data.name,
+        split=validate.evaluator_split(config, ec, 'split'),
+        batch_size=ec.batch_size,
+        **common,
       )
 
       def predict(a, x):
@@ -765,8 +770,10 @@ def _train(config, workdir, setup: Setup, train_src, evaluations: list[Evaluatio
 def _eval_split(config) -> str:
   ev = config.evaluators
   if 'knn' in ev and ev.knn.at_end:
-    return ev.knn.eval_split
-  return ev.classification.split if 'classification' in ev else config.data.eval_split
+    return validate.evaluator_split(config, ev.knn, 'eval_split')
+  if 'classification' in ev:
+    return validate.evaluator_split(config, ev.classification, 'split')
+  return config.data.eval_split
 
 
 def _format(results: dict[str, Any]) -> str:

@@ -9,6 +9,7 @@ JAX import, teacher conversion and compilation.
 from __future__ import annotations
 
 import json
+import math
 import os
 from typing import Any
 
@@ -75,9 +76,10 @@ def _dtype(setting: str, value: str) -> None:
 # --- checkpoints -----------------------------------------------------------------------------------
 
 
-def checkpoint_kind(setting: str, path: str) -> tuple[str, set[str]]:
-  """(format, component names) of a converted directory or a PyTorch / safetensors file, read
-  without JAX; a missing, unreadable or foreign path is a ConfigError."""
+def checkpoint_kind(setting: str, path: str) -> tuple[str, set[str], int | None]:
+  """(format, component names, image size in px or None if unknown) of a converted directory or
+  a PyTorch / safetensors file, read without JAX; a missing, unreadable or foreign path is a
+  ConfigError."""
   p = storage.Path(path)
   if not p.exists():
     _fail(setting, path, 'no such file or directory; give a converted checkpoint directory '
@@ -100,7 +102,8 @@ def checkpoint_kind(setting: str, path: str) -> tuple[str, set[str]]:
       kind = (
         'mocov3' if 'predictor' in components else 'mae_full' if 'decoder' in components else kind
       )
-    return kind, set(components)
+    size = meta.get('image_size') or components['encoder'].get('kwargs', {}).get('image_size')
+    return kind, set(components), size
   if not path.endswith(TORCH_SUFFIXES):
     _fail(setting, path, f'a file that is neither a converted directory nor a PyTorch checkpoint '
                          f'({", ".join(TORCH_SUFFIXES)})')  # fmt: skip
@@ -111,13 +114,32 @@ def checkpoint_kind(setting: str, path: str) -> tuple[str, set[str]]:
     split = formats.split(formats.read_file(path))
   except ConvertError as e:
     raise ConfigError(f'{setting}={path!r}: {e}') from None
-  return split.format, set(split.components)
+  return split.format, set(split.components), _image_size(split.components.get('encoder', {}))
 
 
-def _check_role(setting: str, path: str, role: str) -> None:
+def _image_size(encoder: dict[str, Any]) -> int | None:
+  """The image side a PyTorch ViT encoder's position embeddings were made for: patch size x the
+  side of the square patch grid (pos_embed holds the grid plus a CLS token where there is one)."""
+  pos, patch = encoder.get('pos_embed'), encoder.get('patch_embed.proj.weight')
+  if pos is None or patch is None or len(pos.shape) != 3 or len(patch.shape) != 4:
+    return None
+  grid = pos.shape[1] - (1 if 'cls_token' in encoder else 0)
+  side = math.isqrt(grid)
+  return side * patch.shape[-1] if side * side == grid else None
+
+
+def _check_role(setting: str, path: str, role: str, image_size: int) -> None:
   """role: 'encoder' (any ViT), 'mae' / 'moco' (a teacher of that name), 'mae_decoder' (MAE
-  pre-training continued, which needs the decoder unless a fresh one is accepted)."""
-  kind, components = checkpoint_kind(setting, path)
+  pre-training continued, which needs the decoder unless a fresh one is accepted). Its position
+  embeddings must be for ``image_size`` px images (data.image_size)."""
+  kind, components, size = checkpoint_kind(setting, path)
+  if size and size != image_size:
+    _fail(
+      setting, path,
+      f'a ViT for {size}px images but data.image_size={image_size}; pass '
+      f'--config.data.image_size={size}, or resample its position embeddings: python -m convert '
+      f'--src {path} --dst DIR --image-size {image_size}',
+    )  # fmt: skip
   if role in ('mae', 'mae_decoder') and kind == 'mocov3':
     _fail(setting, path, 'a MoCo v3 checkpoint where an MAE one is needed; give an MAE checkpoint')
   if role == 'moco' and kind in MAE_FORMATS:
@@ -166,14 +188,32 @@ def _check_optim(o: ml_collections.ConfigDict) -> None:
     _fail('optim.layer_decay', o.layer_decay, 'must be in (0, 1] (1: no layer decay)')
 
 
+def evaluator_split(
+  config: ml_collections.ConfigDict, ec: ml_collections.ConfigDict, key: str
+) -> str:
+  """An evaluator's ``key`` split ('train_split', 'eval_split' or 'split'); '' (the shipped
+  default) means the data's: data.train_split for the memory bank, data.eval_split otherwise."""
+  data_key = 'train_split' if key == 'train_split' else 'eval_split'
+  return ec.get(key) or config.data[data_key]
+
+
 def _check_split(dataset: str, setting: str, split: str) -> None:
   if dataset in EMBEDDED and split not in EMBEDDED_SPLITS:
     _fail(setting, split, f'{dataset} has splits {", ".join(EMBEDDED_SPLITS)}')
+  if dataset.startswith('folder:') and split != 'train':  # a folder without splits is 'train'
+    root = storage.Path(dataset[len('folder:') :])
+    if not (root / split).is_dir():
+      subs = sorted(p.name for p in root.iterdir() if p.is_dir())
+      _fail(
+        setting, split,
+        f'{root} has no {split!r} sub-folder (it has: {", ".join(subs) or "none"}); name the '
+        f'evaluation images\' folder with --config.{setting}=<sub-folder>',
+      )  # fmt: skip
 
 
 def _check_data(c: ml_collections.ConfigDict) -> None:
   d = c.data
-  _positive(d, 'image_size', prefix='data.')
+  _positive(d, 'image_size', 'must be > 0 (the views of one size follow it)', prefix='data.')
   name = d.name
   if name.startswith('folder:'):
     root = storage.Path(name[len('folder:') :])
@@ -228,7 +268,7 @@ def _check_data(c: ml_collections.ConfigDict) -> None:
     if ev.get('features', 'cls') not in variants.POOLS:
       _fail(f'evaluators.{ename}.features', ev.features, f'one of {", ".join(variants.POOLS)}')
     for key in ('train_split', 'eval_split', 'split'):
-      if key in ev:
+      if ev.get(key):  # '' is the data's split, checked above
         _check_split(name, f'evaluators.{ename}.{key}', ev[key])
 
 
@@ -268,12 +308,11 @@ def _check_moma(c: ml_collections.ConfigDict) -> None:
       _variant(f'teachers.{name}.variant', t.variant)
   # Checkpoints last: they read files.
   if c.student.checkpoint:
-    _check_role('student.checkpoint', c.student.checkpoint, 'encoder')
+    _check_role('student.checkpoint', c.student.checkpoint, 'encoder', c.data.image_size)
   for name, t in c.teachers.items():
     if t.checkpoint:
-      _check_role(
-        f'teachers.{name}.checkpoint', t.checkpoint, name if name in ('mae', 'moco') else 'encoder'
-      )
+      role = name if name in ('mae', 'moco') else 'encoder'
+      _check_role(f'teachers.{name}.checkpoint', t.checkpoint, role, c.data.image_size)
 
 
 def _check_classification(c: ml_collections.ConfigDict) -> None:
@@ -292,7 +331,7 @@ def _check_classification(c: ml_collections.ConfigDict) -> None:
   if k.linear_probe and not k.checkpoint:
     _fail('classifier.checkpoint', '', 'a linear probe needs the encoder to probe (checkpoint=DIR)')
   if k.checkpoint:
-    _check_role('classifier.checkpoint', k.checkpoint, 'encoder')
+    _check_role('classifier.checkpoint', k.checkpoint, 'encoder', c.data.image_size)
   else:
     _variant('classifier.variant', k.variant)
 
@@ -316,11 +355,11 @@ def _check_pretraining(c: ml_collections.ConfigDict) -> None:
       if not 1 <= d.teacher_block <= t.depth:
         _fail('dmae.teacher_block', d.teacher_block, f'the teacher has blocks 1..{t.depth}')
     else:
-      _check_role('dmae.teacher', d.teacher, 'mae')
+      _check_role('dmae.teacher', d.teacher, 'mae', c.data.image_size)
   if m.checkpoint:
     needs_decoder = c.objective in ('mae', 'dmae', 'rc_mae') and not m.get('fresh_decoder')
     role = 'mae_decoder' if needs_decoder else ('moco' if c.objective == 'mocov3' else 'encoder')
-    _check_role('model.checkpoint', m.checkpoint, role)
+    _check_role('model.checkpoint', m.checkpoint, role, c.data.image_size)
 
 
 def check_workdir(workdir: str) -> None:

@@ -69,21 +69,33 @@ CASES = [
   ('image-size', [M2M, '--config.data.image_size=0'], 2, 'image_size=0'),
   (  # both would have run to exit 0 and printed 100% in every row
     'one-class-folder',
-    [M2M, '--config.data.name=folder:{FILES}/oneclass'],
+    [M2M, '--config.data.name=folder:{FILES}/oneclass', '--config.data.eval_split=train'],
     2,
     'has 1 class: the k-NN / linear-probe / classification scores would be 100% by construction',
   ),
   (
     'batch-larger-than-data',
-    [M2M, '--config.data.name=folder:{FILES}/twenty'],
+    [M2M, '--config.data.name=folder:{FILES}/twenty', '--config.data.eval_split=train'],
     2,
     'batch_size=64 is larger than the 20 training examples',
   ),
-  (  # before the dataset is opened; names every view to change
-    'image-size-without-views',
+  (  # before JAX starts, naming the setting (the evaluators follow data.eval_split)
+    'folder-without-eval-split',
+    [M2M, '--config.data.name=folder:{FILES}/twenty'],
+    2,
+    "data.eval_split='test': ",
+  ),
+  (  # the views follow data.image_size; the shipped 32 px student cannot (read before JAX starts)
+    'image-size-vs-checkpoint',
     [M2M, '--config.data.image_size=48'],
     2,
-    '--config.data.views.strong.size=48 --config.data.views.teacher.size=48',
+    'a ViT for 32px images but data.image_size=48; pass --config.data.image_size=32, or resample',
+  ),
+  (  # one view set on its own moves the others and the image size with it (one size for all)
+    'image-size-vs-view',
+    [M2M, '--config.data.views.teacher.size=48'],
+    2,
+    'a ViT for 32px images but data.image_size=48',
   ),
   ('folder-missing', [M2M, '--config.data.name=folder:{FILES}/nope'], 2, 'no such folder'),
   ('folder-is-file', [M2M, '--config.data.name=folder:{FILES}/plain.txt'], 2, 'is a file'),
@@ -112,7 +124,12 @@ CASES = [
     2,
     'data.views.teacher.scale',
   ),
-  ('view-size', [M2M, '--config.data.views.teacher.size=0'], 2, 'data.views.teacher.size=0'),
+  (  # the views share data.image_size (configs/common.set_views): the error names it
+    'view-size',
+    [M2M, '--config.data.views.teacher.size=0'],
+    2,
+    'data.image_size=0: must be > 0',
+  ),
   ('knn-batch', [M2M, '--config.evaluators.knn.batch_size=0'], 2, 'batch_size=0'),
   ('knn-split', [M2M, '--config.evaluators.knn.eval_split=val'], 2, 'evaluators.knn.eval_split'),
   ('mask-ratio', [M2M, '--config.moma.mask_ratio=1.0'], 2, 'moma.mask_ratio=1.0'),
@@ -292,6 +309,32 @@ def test_trainer_bad_input(case, files, workdir):
 def test_converter_bad_input(case, files, workdir):
   _, cmd, code, expected = case
   _check(['-m', 'convert', *cmd], code, expected, workdir, files)
+
+
+def test_a_folder_and_an_image_size_need_one_override_each(files, tmp_path):
+  """folder:DIR with train/ and val/: --config.data.eval_split=val is enough, the evaluators
+  follow it (they used to need --config.evaluators.knn.eval_split as well); and
+  --config.data.image_size=48 resizes every view (it used to take three overrides)."""
+  from PIL import Image
+
+  root = tmp_path / 'imgs'
+  rng = np.random.RandomState(0)
+  for split, n in (('train', 12), ('val', 4)):
+    for c in ('a', 'b'):
+      (root / split / c).mkdir(parents=True)
+      for i in range(n):
+        Image.fromarray(rng.randint(0, 256, (40, 40, 3)).astype(np.uint8)).save(
+          root / split / c / f'{i}.png'
+        )
+  p = subprocess.run(
+    [sys.executable, MAIN, f'{M2M},teacher=random,student=random', f'--workdir={tmp_path / "wd"}',
+     f'--config.data.name=folder:{root}', '--config.data.eval_split=val',
+     '--config.data.image_size=48', '--config.batch_size=16', '--dry_run'],
+    capture_output=True, text=True, timeout=300, cwd=str(tmp_path),
+    env={**os.environ, 'JAX_PLATFORMS': 'cpu'},
+  )  # fmt: skip
+  assert p.returncode == 0, p.stderr[-2000:]
+  assert 'dry run, nothing written' in p.stdout and not (tmp_path / 'wd').exists()
 
 
 def test_at_least_forty_cases():

@@ -31,6 +31,10 @@ def test_config_builds_full_and_runlocal(name):
     assert v.blur_sigma == pytest.approx(tuple(s * v.size / 224 for s in augment.BLUR_SIGMA))
   for v in full.data.views.values():
     assert v.get('flip', True) and v.get('blur_sigma', augment.BLUR_SIGMA) == augment.BLUR_SIGMA
+  if name not in ('dino_pretrain', 'mokd'):  # one size for every view: data.image_size moves all
+    for c in (full, local):
+      c.data.image_size = 48
+      assert {v.size for v in c.data.views.values()} == {48}, name
 
 
 def test_paper_defaults():

@@ -19,8 +19,21 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK = os.path.join(ROOT, 'notebooks', 'moma_colab.ipynb')
 
 
+# A kernel started before the install cell, as on a fresh Colab runtime: this environment's own
+# editable install of the checkout (its import hook, read at start-up) is taken away, and the
+# script runs outside the repository, so only what the notebook itself does can make
+# `import moma_jax` work (the first-run ModuleNotFoundError of issue 31).
+_FRESH_KERNEL = [
+  'import sys, importlib.util',
+  "sys.meta_path[:] = [f for f in sys.meta_path if not getattr(f, '__module__', '').startswith('__editable__')]",
+  "sys.path_hooks[:] = [h for h in sys.path_hooks if not getattr(h, '__module__', '').startswith('__editable__')]",
+  'sys.path_importer_cache.clear()',
+  "assert importlib.util.find_spec('moma_jax') is None, 'moma_jax importable before the install cell'",
+]
+
+
 def _to_script(nb: dict) -> str:
-  lines = ['import subprocess as _sp', 'import matplotlib', "matplotlib.use('Agg')"]
+  lines = ['import subprocess as _sp', 'import matplotlib', "matplotlib.use('Agg')", *_FRESH_KERNEL]
   for cell in nb['cells']:
     if cell['cell_type'] != 'code' or 'colab-only' in cell['metadata'].get('tags', []):
       continue
@@ -38,16 +51,20 @@ def test_notebook_runs_top_to_bottom(tmp_path):
   script = tmp_path / 'nb.py'
   script.write_text(_to_script(nb))
   env = {
-    **os.environ,
+    **{k: v for k, v in os.environ.items() if k != 'PYTHONPATH'},
     'JAX_PLATFORMS': 'cpu',
     'XLA_FLAGS': FAST_COMPILE,  # one device; -O1 (see runlocal_helpers)
     'MPLBACKEND': 'Agg',
-    'PYTHONPATH': ROOT,
     'MOMA_REPO': ROOT,  # the install cell's repository path
     'PATH': os.path.dirname(sys.executable) + os.pathsep + os.environ['PATH'],  # moma-convert
   }
   r = subprocess.run(
-    [sys.executable, str(script)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    [sys.executable, str(script)],
+    cwd=tmp_path,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
   )
   assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
   assert 'knn/model/top1' in r.stdout

@@ -102,6 +102,20 @@ def _kind(cmd: str) -> str:
   raise AssertionError(f'README command not handled by this test (add it or skip it): {cmd}')
 
 
+def test_both_opening_commands_install_the_package():
+  """`python -m moma_jax...` and the moma-* commands work outside the clone after either of the
+  README's two opening commands (issue 31: command 1 used to install only the requirements)."""
+  first, second = readme_commands()[:2]
+  test_reqs = open(os.path.join(ROOT, 'requirements-test.txt')).read().split()
+  for cmd in (first, second):
+    install = cmd.split('pip install', 1)[1].split('&&')[0].split()
+    assert (
+      '.' in install
+      and install[install.index('.') - 1] == '-e'
+      or ('requirements-test.txt' in install and '.' in test_reqs)
+    ), cmd
+
+
 def test_every_readme_command_is_run_or_skipped_with_a_reason():
   kinds = {}
   for cmd in readme_commands():
@@ -218,7 +232,13 @@ def test_readme_imagenet_commands(converted, sandbox):
     extra = SHORT_IMAGENET
     if config in ('finetune.py', 'linear_probe.py'):
       extra = extra + ['--config.evaluators.classification.batch_size=8']
-    if i == 0 or config in full_configs:
+    if i == 0:  # with the final evaluation: every baseline row an ImageNet summary needs
+      p = _run(cmd, sandbox, [a for a in extra if a != '--config.evaluators.knn.at_end=False'])
+      assert re.search(r': 2/2 steps in \d+ s', p.stdout), (cmd, p.stdout)
+      for row in ('student (before -> after)', 'teacher moco', 'random-init student', 'raw pixels',
+                  'chance'):  # fmt: skip
+        assert re.search(rf'^  {re.escape(row)} .*%', p.stdout, re.M), (row, p.stdout)
+    elif config in full_configs:
       full_configs.discard(config)
       p = _run(cmd, sandbox, extra)
       assert re.search(r': 2/2 steps in \d+ s', p.stdout), (cmd, p.stdout)
