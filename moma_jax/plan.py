@@ -34,15 +34,6 @@ from moma_jax import builders, hardware, storage, train
 from moma_jax.data import pipeline, sources
 from moma_jax.hardware import GiB
 
-# Train-split sizes of datasets a plan may name without having them here (tfds catalogue figures).
-KNOWN_SPLITS = {
-  ('imagenet2012', 'train'): (1_281_167, 1000),
-  ('imagenet2012', 'validation'): (50_000, 1000),
-  ('cifar10', 'train'): (50_000, 10),
-  ('cifar100', 'train'): (50_000, 100),
-  ('oxford_flowers102', 'train'): (1_020, 102),
-}
-
 
 class DoesNotFit(RuntimeError):
   """The step needs more memory per chip than the target has (one line: by how much, and what
@@ -50,11 +41,11 @@ class DoesNotFit(RuntimeError):
 
 
 def split_size(config: ml_collections.ConfigDict) -> tuple[int, int]:
-  """(train examples, classes) of the config's train split: the table above, else the split's
+  """(train examples, classes) of the config's train split: the tfds catalogue (sources.KNOWN_SPLITS), else the split's
   metadata (embedded data, an image folder, a prepared tfds dataset); no example is read."""
   d = config.data
-  if (d.name, d.train_split) in KNOWN_SPLITS:
-    return KNOWN_SPLITS[(d.name, d.train_split)]
+  if (d.name, d.train_split) in sources.KNOWN_SPLITS:
+    return sources.KNOWN_SPLITS[(d.name, d.train_split)]
   try:
     src = sources.open_split(  # no manual_dir: never prepares a dataset
       d.name, d.train_split, data_dir=d.data_dir, process_index=0, process_count=1

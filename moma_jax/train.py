@@ -558,34 +558,45 @@ def train_and_evaluate(
         f'cannot reach --workdir {workdir} ({" ".join(str(e).split())[:300]}); check the bucket '
         'name, network access and credentials (gcloud auth application-default login)'
       ) from e
-  opened = []
+  opened, unprepared = [], []
+  d = config.data
 
   def open_train_split() -> tuple[int, int]:
-    src = sources.open_split(
-      config.data.name, config.data.train_split, data_dir=config.data.data_dir,
-      manual_dir=config.data.manual_dir,
-    )  # fmt: skip
+    try:  # a dry run prepares nothing: preparing ImageNet takes hours and writes to data_dir
+      src = sources.open_split(
+        d.name, d.train_split, data_dir=d.data_dir, manual_dir=None if dry_run else d.manual_dir
+      )
+    except sources.NotPrepared:
+      if not (dry_run and d.manual_dir and (d.name, d.train_split) in sources.KNOWN_SPLITS):
+        raise
+      unprepared.append(
+        f'{d.name} is not prepared in data_dir={d.data_dir}: the run will first prepare it from '
+        f'data.manual_dir={d.manual_dir} (hours for ImageNet); the sizes here are the tfds '
+        "catalogue's, and the evaluators are built after the preparation"
+      )
+      return sources.KNOWN_SPLITS[(d.name, d.train_split)]
     src.random_access()  # a TFRecord-only copy: say how to convert it now, not after compiling
     opened.append(src)
     return src.total_examples, src.num_classes
 
   setup = build_setup(config, jax.devices(), open_train_split)
-  train_src = opened[0]
   mesh, data_axes, objective, notes = setup.mesh, setup.data_axes, setup.objective, setup.notes
   total_steps, steps_per_epoch = setup.total_steps, setup.steps_per_epoch
-  evaluations = make_evaluations(config, objective, mesh, data_axes)
+  evaluations = [] if unprepared else make_evaluations(config, objective, mesh, data_axes)
   if dry_run:
+    setup_examples = sources.KNOWN_SPLITS.get((d.name, d.train_split), (0, 0))[0]
     plan = {
       'mesh': dict(mesh.shape), 'batch_size': config.batch_size, 'num_train_steps': total_steps,
       'steps_per_epoch': steps_per_epoch, 'peak_lr': setup.peak_lr,
-      'dataset': train_src.name, 'train_examples': train_src.total_examples,
+      'dataset': f'{d.name}/{d.train_split}',
+      'train_examples': opened[0].total_examples if opened else f'{setup_examples:,} (catalogue)',
       'gflops_per_step': objective.flops_per_example() * config.batch_size / 1e9,
     }  # fmt: skip
     for note in notes:
       logging.info('%s', note)
-    return {'summary': [f'{config.name}: dry run, nothing written; ' + _format(plan)]}
+    return {'summary': [f'{config.name}: dry run, nothing written; ' + _format(plan), *unprepared]}
   with jax.set_mesh(mesh):  # the mesh in context while tracing (Pallas kernels shard_map over it)
-    return _train(config, workdir, setup, train_src, evaluations)
+    return _train(config, workdir, setup, opened[0], evaluations)
 
 
 def _train(config, workdir, setup: Setup, train_src, evaluations: list[Evaluation]) -> dict:

@@ -223,6 +223,12 @@ def test_readme_imagenet_commands(converted, sandbox):
     cmds[0].startswith('python main.py --config=configs/moco_to_mae.py ') and '$MANUAL' in cmds[0]
   )
   full_configs = {'finetune.py', 'linear_probe.py'}  # the first of each runs in full
+  # A dry run of the first command prepares nothing (it would take hours on ImageNet): it says
+  # the run will, and plans with the catalogue's sizes.
+  p = _dry_run(cmds[0], sandbox, SHORT_IMAGENET)
+  assert not os.path.exists(env['TFDS']) or not os.listdir(env['TFDS']), os.listdir(env['TFDS'])
+  assert 'train_examples 1,281,167 (catalogue)' in p.stdout, p.stdout
+  assert 'imagenet2012 is not prepared in data_dir=' in p.stdout, p.stdout
   for i, cmd in enumerate(cmds):
     if cmd.startswith(('python -m moma_jax.evaluators.knn', 'moma-knn')):
       p = _run(cmd, sandbox, ['--batch_size=8', '--max_train=16'])
@@ -246,7 +252,7 @@ def test_readme_imagenet_commands(converted, sandbox):
       _dry_run(cmd, sandbox, extra)
 
 
-def _dry_run(cmd: str, sandbox, extra: list[str]) -> None:
+def _dry_run(cmd: str, sandbox, extra: list[str]) -> subprocess.CompletedProcess:
   d, env = sandbox
   workdir = re.search(r'--workdir=(\S+)', cmd).group(1)
   path = re.sub(r'\$(\w+)', lambda m: env[m.group(1)], workdir.replace('/tmp/', f'{d}/tmp/', 1))
@@ -256,6 +262,7 @@ def _dry_run(cmd: str, sandbox, extra: list[str]) -> None:
   p = _run(cmd, sandbox, [*extra, '--dry_run'])
   assert re.search(r': dry run, nothing written; mesh .* num_train_steps 2,', p.stdout), p.stdout
   assert (sorted(os.walk(path)) if os.path.exists(path) else None) == before, path
+  return p
 
 
 RUNLOCAL = _commands('runlocal')

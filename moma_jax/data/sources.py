@@ -54,6 +54,21 @@ class DataError(ValueError):
   """A dataset that cannot be read as configured; the message says what to do."""
 
 
+class NotPrepared(DataError):
+  """A tfds dataset not prepared in its data_dir (and no manual_dir to prepare it from)."""
+
+
+# Train-split sizes (examples, classes) of datasets a plan or a dry run may name without having
+# them prepared here (the tfds catalogue's figures).
+KNOWN_SPLITS = {
+  ('imagenet2012', 'train'): (1_281_167, 1000),
+  ('imagenet2012', 'validation'): (50_000, 1000),
+  ('cifar10', 'train'): (50_000, 10),
+  ('cifar100', 'train'): (50_000, 100),
+  ('oxford_flowers102', 'train'): (1_020, 102),
+}
+
+
 @dataclasses.dataclass
 class HostSplit:
   """This process's view of a split (see the module docstring)."""
@@ -232,9 +247,9 @@ def _tfds(
         download_config=tfds.download.DownloadConfig(manual_dir=manual_dir),
       )
     elif name.split('/')[0] == 'imagenet2012':
-      raise DataError(f'imagenet2012 is not prepared in data_dir={data_dir}: {_PREPARE_IMAGENET}')
+      raise NotPrepared(f'imagenet2012 is not prepared in data_dir={data_dir}: {_PREPARE_IMAGENET}')
     else:
-      raise DataError(
+      raise NotPrepared(
         f'{name} is not prepared in data_dir={data_dir}; prepare it once where there is '
         f'internet: tfds build {name} --data_dir=DIR --file_format=array_record, then point '
         'data.data_dir at DIR'
