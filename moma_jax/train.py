@@ -755,14 +755,19 @@ def _train(config, workdir, setup: Setup, train_src, evaluations: list[Evaluatio
       exported, workdir, {'config': config.name, 'steps': step},
       getattr(objective, 'torch_format', None), objective.input_norm,
     )  # fmt: skip
+    logging.info('exported the trained model to %s/export', workdir)
   final = {'step': step, **(history[-1] if history else {}), **baseline}
   for ev in evaluations:
-    if ev.at_end:
+    if ev.at_end:  # the last minute of a runlocal run: say so, one line per evaluator
+      t_eval = time.perf_counter()
+      also = ' and its baselines' if ev.final_only else ''
+      logging.info('final evaluation (%s) of the trained model%s...', ev.name, also)
       results = dict(ev.run(state, frozen))
       if ev.final_only:
         results.update(ev.final_only(state, frozen))
       writer.write_scalars(step, results)
       final.update(results)
+      logging.info('final evaluation (%s): %.0f s', ev.name, time.perf_counter() - t_eval)
   writer.flush()
   ckpt.close()
   final['summary'] = summary.final_block(

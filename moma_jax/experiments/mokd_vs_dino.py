@@ -35,7 +35,7 @@ import subprocess
 import sys
 import time
 
-from moma_jax import hardware
+from moma_jax import hardware, storage
 from moma_jax.experiments import small_scale  # load_results: the same resumable results.json
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -189,9 +189,7 @@ def main(argv: list[str] | None = None) -> dict:
       knn = ', '.join(f'{k} {100 * v:.1f}%' for k, v in sorted(res['knn'].items()))
       wall = f'{res["wall_s"]:.0f}s' if res['wall_s'] is not None else 'read back'
       print(f'  {knn} ({wall})', flush=True)
-      with open(res_path + '.tmp', 'w') as f:
-        json.dump(state, f, indent=1)
-      os.replace(res_path + '.tmp', res_path)
+      storage.write_text_atomic(res_path, json.dumps(state, indent=1))
   env = {
     'command': 'python -m moma_jax.experiments.mokd_vs_dino --workdir=DIR --seeds '
     + ' '.join(map(str, a.seeds))
@@ -201,10 +199,8 @@ def main(argv: list[str] | None = None) -> dict:
   }
   state['env'] = env
   text = report(state, env)
-  with open(os.path.join(workdir, 'results.md'), 'w') as f:
-    f.write(text)
-  with open(res_path, 'w') as f:
-    json.dump(state, f, indent=1)
+  storage.write_text_atomic(os.path.join(workdir, 'results.md'), text)
+  storage.write_text_atomic(res_path, json.dumps(state, indent=1))
   print(text)
   print('wrote', os.path.join(workdir, 'results.md'))
   return state

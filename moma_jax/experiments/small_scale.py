@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from moma_jax import hardware
+from moma_jax import hardware, storage
 from moma_jax.experiments import teachers
 
 STEPS = 600  # per run; every row gets the same budget
@@ -438,9 +438,7 @@ def main(argv: list[str] | None = None) -> dict:
       results.setdefault(run.key, {})[str(seed)] = res
       print(f'  k-NN {100 * res["knn"]:.1f}%  linear {100 * res["linear"]:.1f}%  '
             f'({res["wall_s"]:.0f}s)', flush=True)  # fmt: skip
-      with open(res_path + '.tmp', 'w') as f:
-        json.dump(state, f)
-      os.replace(res_path + '.tmp', res_path)
+      storage.write_text_atomic(res_path, json.dumps(state))
   if not a.no_floor:
     state.setdefault('floor', raw_pixels())
   total = sum(res['wall_s'] for per in results.values() for res in per.values())
@@ -453,10 +451,8 @@ def main(argv: list[str] | None = None) -> dict:
     'machine': f'{platform.machine()}, {os.cpu_count()} cores', 'total_min': total / 60,
   }  # fmt: skip
   text = report(rows, results, state.get('floor'), env)
-  with open(os.path.join(a.workdir, 'results.md'), 'w') as f:
-    f.write(text)
-  with open(res_path, 'w') as f:
-    json.dump(state, f)
+  storage.write_text_atomic(os.path.join(a.workdir, 'results.md'), text)
+  storage.write_text_atomic(res_path, json.dumps(state))
   paths = plots(rows, results, a.workdir)
   print(text)
   print('wrote', os.path.join(a.workdir, 'results.md'), *paths)

@@ -24,7 +24,7 @@ import shutil
 import time
 
 from convert.convert import sha256
-from moma_jax import hardware
+from moma_jax import hardware, storage
 
 # realpath: the same files under one name however the package was reached (symlinks, installs), so
 # a workdir's experiment fingerprint does not change with the way the trainer was started.
@@ -93,8 +93,8 @@ def train_teacher(name: str, out_dir: str, workdir: str, steps: int | None = Non
   final = train.train_and_evaluate(config, workdir)
   os.makedirs(out_dir, exist_ok=True)
   dst = os.path.join(out_dir, RECIPES[name].file)
-  shutil.copyfile(os.path.join(workdir, 'export', 'model.pth'), dst + '.tmp')
-  os.replace(dst + '.tmp', dst)
+  with storage.local_output(dst) as tmp:
+    shutil.copyfile(os.path.join(workdir, 'export', 'model.pth'), tmp)
   print(f'{name}: {dst} ({os.path.getsize(dst) / 1e6:.2f} MB), k-NN {final.get("knn/model/top1")}')
   return dst
 

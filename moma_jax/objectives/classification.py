@@ -170,7 +170,5 @@ class Classification:
 
   def flops_per_example(self) -> float:
     m = self.model
-    f = flops.vit_forward_flops(
-      m.width, m.depth, m.mlp_dim, 1 + m.num_patches, m.patch_size**2 * m.channels, m.num_patches
-    )
+    f = flops.vit_flops(m)
     return f + 2 * m.width * m.num_classes * 3 if self.linear_probe else 3 * f

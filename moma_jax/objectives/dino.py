@@ -326,10 +326,7 @@ def init_backbone(model, rng: Array, start: Any | None = None) -> tuple[Any, Any
 def backbone_flops(model, size: int) -> float:
   if isinstance(model, resnet.ResNet):
     return resnet.forward_flops(model, size)
-  n = (size // model.patch_size) ** 2
-  return flops.vit_forward_flops(
-    model.width, model.depth, model.mlp_dim, 1 + n, model.patch_size**2 * model.channels, n
-  )
+  return flops.vit_flops(model, (size // model.patch_size) ** 2)
 
 
 def check_multicrop(

@@ -73,6 +73,4 @@ class Dmae(Mae):
 
     t = self.teacher
     n = masking.num_visible(t.num_patches, self.mask_ratio)
-    return super().flops_per_example() + flops.vit_forward_flops(
-      t.width, t.depth, t.mlp_dim, 1 + n, t.patch_size**2 * 3, n
-    )
+    return super().flops_per_example() + flops.vit_flops(t, n)

@@ -129,7 +129,7 @@ class Mae:
   def flops_per_example(self) -> float:
     e, d = self.encoder, self.decoder
     n = masking.num_visible(e.num_patches, self.mask_ratio)
-    enc = flops.vit_forward_flops(e.width, e.depth, e.mlp_dim, 1 + n, e.patch_size**2 * 3, n)
+    enc = flops.vit_flops(e, n)
     dec = flops.vit_forward_flops(d.width, d.depth, 4 * d.width, 1 + e.num_patches, 0, 0)
     dec += 2 * (1 + n) * e.width * d.width + 2 * e.num_patches * d.width * d.patch_pixels
     return 3 * (enc + dec)

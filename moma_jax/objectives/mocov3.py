@@ -134,9 +134,7 @@ class MocoV3:
 
   def flops_per_example(self) -> float:
     e = self.encoder
-    f = flops.vit_forward_flops(
-      e.width, e.depth, e.mlp_dim, 1 + e.num_patches, e.patch_size**2 * 3, e.num_patches
-    )
+    f = flops.vit_flops(e)
     # per view: base encoder + projector + predictor fwd + bwd (3x), momentum encoder +
     # projector fwd (1x). The 4096-wide heads are ~1% of a ViT-B's FLOPs, more for small encoders.
     proj, pred = (

@@ -285,23 +285,16 @@ class Moma:
     """Model FLOPs of one training example: teacher forwards + 3 x student forward (fwd + bwd)."""
     s = self.student
     n = masking.num_visible(s.num_patches, self.mask_ratio)
-    pp = s.patch_size**2 * s.channels
     total = 0.0
     kinds: set[str] = set()
     for t in self.teachers.values():
       m = t.model
       tok = n if self.mask_teacher else m.num_patches
-      total += vit_flops(m, 1 + tok, tok)
+      total += flops.vit_flops(m, tok)
       t_kinds = {'masked', 'strong'} if t.student_view == 'both' else {t.student_view}
       kinds |= t_kinds
       total += 3 * 2.0 * (1 + n) * s.width * m.width * len(t_kinds)  # projector fwd + bwd
     for kind in kinds:
       tok = n if (kind == 'masked' or self.mask_strong_view) else s.num_patches
-      total += 3 * flops.vit_forward_flops(s.width, s.depth, s.mlp_dim, 1 + tok, pp, tok)
+      total += 3 * flops.vit_flops(s, tok)
     return total
-
-
-def vit_flops(m: ViT, tokens: int, embedded: int) -> float:
-  return flops.vit_forward_flops(
-    m.width, m.depth, m.mlp_dim, tokens, m.patch_size**2 * m.channels, embedded
-  )
