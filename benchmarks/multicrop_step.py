@@ -31,9 +31,10 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import dino_pretrain, mokd  # noqa: E402
-from moma_jax import builders_dino, hardware, sharding, train  # noqa: E402
+from moma_jax import hardware, sharding, train  # noqa: E402
 from moma_jax.data import device  # noqa: E402
 from moma_jax.objectives import dino as dino_lib  # noqa: E402
+from moma_jax.objectives import registry  # noqa: E402
 
 MODELS = ('dino_vit_s', 'dino_resnet50', 'mokd_r50_vit_s')
 
@@ -50,14 +51,8 @@ def _config(name: str, batch: int, dtype: str):
 
 
 def _objective(c, total_steps: int):
-  """The builder's objective, without opening the dataset (steps per epoch given)."""
-  original = builders_dino.steps_per_epoch
-  builders_dino.steps_per_epoch = lambda _: 100
-  try:
-    objective, _, _, _ = builders_dino.build(c, total_steps)
-  finally:
-    builders_dino.steps_per_epoch = original
-  return objective
+  """The builder's objective, without opening the dataset (100 steps per epoch given)."""
+  return registry.build_objective(c, 0, total_steps, steps_per_epoch=100)[0]
 
 
 def measure(name: str, batch: int, steps: int, dtype: str) -> dict:

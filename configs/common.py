@@ -7,6 +7,8 @@ from typing import Any
 import ml_collections
 from ml_collections.config_dict import placeholder
 
+from configs import shipped as shipped_teachers
+
 # Paper defaults (REFERENCE section 1): ImageNet-1K 224px, mask 90%, batch 4096, AdamW blr
 # 1.5e-4 (lr = blr * batch / 256), wd 0.05, betas (0.9, 0.95), 100 epochs with 20 warm-up.
 IMAGENET = dict(name='imagenet2012', train_split='train', eval_split='validation')
@@ -83,12 +85,10 @@ def shortened_runlocal(
 
 def shipped(arg: str, name: str) -> str:
   """runlocal checkpoints: ``arg`` if given, '' for 'random', else the shipped tiny teacher ``name``
-  (teachers/, see moma_jax/experiments/teachers.py)."""
+  (teachers/, configs/shipped.py)."""
   if arg == 'random':
     return ''
-  from moma_jax.experiments import teachers
-
-  return arg or teachers.path(name)
+  return arg or shipped_teachers.path(name)
 
 
 def optim_config(**overrides: Any) -> ml_collections.ConfigDict:

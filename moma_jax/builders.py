@@ -22,6 +22,7 @@ from moma_jax import storage
 from moma_jax.models import pretrained, vit
 from moma_jax.objectives.classification import Classification
 from moma_jax.objectives.moma import Moma, Teacher
+from moma_jax.objectives.registry import Sizes
 
 
 def dtype(name: str):
@@ -141,7 +142,7 @@ def encoder_of(loaded: pretrained.Pretrained, what: str) -> tuple[vit.ViT, dict[
   return m, variables
 
 
-def _from_variant(variant: str, size: int, dtype_name: str = 'float32', drop_path: float = 0.0):
+def vit_from_variant(variant: str, size: int, dtype_name: str = 'float32', drop_path: float = 0.0):
   """A randomly initialisable ViT of a named variant for ``size`` px images."""
   return vit.ViT(
     **vit.decode_variant(variant).kwargs(), image_size=size, dtype=dtype(dtype_name),
@@ -152,11 +153,11 @@ def _from_variant(variant: str, size: int, dtype_name: str = 'float32', drop_pat
 def random_vit(variant: str, size: int, dtype_name: str, key: jax.Array, loader: Loader = ARRAYS):
   """(model, variables) of a randomly initialised ViT: runlocal's teachers without checkpoints,
   and the random-init floor every probe result is compared with."""
-  model = _from_variant(variant, size, dtype_name)
+  model = vit_from_variant(variant, size, dtype_name)
   return model, loader.init(model, key, jnp.zeros((1, size, size, 3)))
 
 
-def _check_size(model: vit.ViT, size: int, what: str) -> None:
+def check_size(model: vit.ViT, size: int, what: str) -> None:
   if model.image_size != size:
     raise ValueError(
       f'{what} takes {model.image_size}px images but data.image_size={size}; make them agree '
@@ -165,8 +166,9 @@ def _check_size(model: vit.ViT, size: int, what: str) -> None:
 
 
 def build_moma(
-  config: ml_collections.ConfigDict, loader: Loader = ARRAYS
+  config: ml_collections.ConfigDict, sizes: Sizes | None = None, loader: Loader = ARRAYS
 ) -> tuple[Moma, dict[str, Any], Any, list[str]]:
+  """MOMA: the student (random or from a checkpoint) and its frozen teachers (``sizes`` unused)."""
   size = config.data.image_size
   notes = []
   sc = config.student
@@ -179,11 +181,11 @@ def build_moma(
     student_norm = input_norm(sc, loaded)
     notes.append(f'student: {sc.checkpoint} ({loaded.metadata.get("variant")})')
   else:
-    student = _from_variant(sc.variant, size, sc.dtype, sc.drop_path).clone(remat=sc.remat)
+    student = vit_from_variant(sc.variant, size, sc.dtype, sc.drop_path).clone(remat=sc.remat)
     student_params = None
     student_norm = input_norm(sc)
     notes.append(f'student: randomly initialised {sc.variant}')
-  _check_size(student, size, 'the student')
+  check_size(student, size, 'the student')
   teachers, frozen = {}, {}
   for name, tc in config.teachers.items():
     if tc.checkpoint:
@@ -226,11 +228,11 @@ def build_moma(
 
 
 def build_classification(
-  config: ml_collections.ConfigDict, num_classes: int, loader: Loader = ARRAYS
+  config: ml_collections.ConfigDict, sizes: Sizes, loader: Loader = ARRAYS
 ) -> tuple[Classification, dict[str, Any], Any, list[str]]:
   c = config.classifier
   size = config.data.image_size
-  n = c.num_classes or num_classes
+  n = c.num_classes or sizes.num_classes
   common = dict(num_classes=n, pool=c.pool, drop_path=c.drop_path, dtype=dtype(c.dtype))
   frozen, start, notes = {}, None, []
   norm = input_norm(c)
@@ -251,7 +253,7 @@ def build_classification(
       raise ValueError('a linear probe needs classifier.checkpoint (the encoder to probe)')
     model = vit.ViT(**vit.decode_variant(c.variant).kwargs(), image_size=size, **common)
     notes.append(f'classifier: randomly initialised {c.variant} (training from scratch)')
-  _check_size(model, size, 'the classifier')
+  check_size(model, size, 'the classifier')
   objective = Classification(
     model,
     linear_probe=c.linear_probe,
@@ -266,7 +268,7 @@ def build_classification(
   return objective, frozen, start, notes
 
 
-def build_pretraining(config: ml_collections.ConfigDict, total_steps: int, loader: Loader = ARRAYS):
+def build_pretraining(config: ml_collections.ConfigDict, sizes: Sizes, loader: Loader = ARRAYS):
   """MAE, MoCo v3, DMAE, RC-MAE: an encoder (random or from a checkpoint) plus their heads."""
   from moma_jax.models.heads import MlpHead
   from moma_jax.objectives.dmae import Dmae
@@ -289,9 +291,9 @@ def build_pretraining(config: ml_collections.ConfigDict, total_steps: int, loade
       start['decoder'] = dec.variables['params']
     notes.append(f'continuing from {m.checkpoint} ({", ".join(start)})')
   else:
-    encoder = _from_variant(m.variant, size, m.dtype, m.drop_path)
+    encoder = vit_from_variant(m.variant, size, m.dtype, m.drop_path)
     notes.append(f'{config.objective}: randomly initialised {m.variant}')
-  _check_size(encoder, size, 'the encoder')
+  check_size(encoder, size, 'the encoder')
   if decoder is None:
     decoder = mae_decoder_for(encoder, m.decoder_width, m.decoder_depth, m.decoder_heads)
   frozen: dict[str, Any] = {}
@@ -302,7 +304,7 @@ def build_pretraining(config: ml_collections.ConfigDict, total_steps: int, loade
       encoder,
       MlpHead(3, mc.proj_hidden, mc.proj_dim, last_bn=True, dtype=dtype(m.dtype)),
       MlpHead(2, mc.proj_hidden, mc.proj_dim, last_bn=False, dtype=dtype(m.dtype)),
-      total_steps=total_steps,
+      total_steps=sizes.total_steps,
       temperature=mc.temperature,
       base_momentum=mc.momentum,
       freeze_patch_embed=mc.freeze_patch_embed,
@@ -316,7 +318,7 @@ def build_pretraining(config: ml_collections.ConfigDict, total_steps: int, loade
     r = config.rc_mae
     objective = RcMae(
       encoder, decoder, **common, momentum=r.momentum, momentum_schedule=r.schedule,
-      total_steps=total_steps, consistency_weight=r.weight,
+      total_steps=sizes.total_steps, consistency_weight=r.weight,
     )  # fmt: skip
   else:  # dmae
     d = config.dmae
@@ -331,34 +333,9 @@ def build_pretraining(config: ml_collections.ConfigDict, total_steps: int, loade
       )
       t_norm = pretrained.IMAGENET
       notes.append(f'teacher: RANDOMLY INITIALISED {d.teacher_variant} (no dmae.teacher given)')
-    _check_size(teacher, size, 'the DMAE teacher')
+    check_size(teacher, size, 'the DMAE teacher')
     objective = Dmae(
       encoder, decoder, **common, teacher=teacher, teacher_block=d.teacher_block,
       student_block=d.student_block, distill_weight=d.weight, teacher_input_norm=t_norm,
     )  # fmt: skip
   return objective, frozen, (start or None), notes
-
-
-def build_objective(
-  config: ml_collections.ConfigDict,
-  num_classes: int,
-  total_steps: int,
-  steps_per_epoch: int | None = None,
-  loader: Loader = ARRAYS,
-):
-  """(objective, frozen, start params or None, notes). ``steps_per_epoch`` (DINO / MOKD's
-  per-epoch schedules): read from the dataset when not given."""
-  if config.objective in ('dino', 'mokd'):  # multi-crop self-distillation (builders_dino.py)
-    from moma_jax import builders_dino
-
-    return builders_dino.build(config, total_steps, steps_per_epoch, loader)
-  if config.objective == 'moma':
-    return build_moma(config, loader)
-  if config.objective == 'classification':
-    return build_classification(config, num_classes, loader)
-  if config.objective in ('mae', 'mocov3', 'dmae', 'rc_mae'):
-    return build_pretraining(config, total_steps, loader)
-  raise ValueError(
-    f'unknown objective {config.objective!r}; one of moma, classification, mae, mocov3, dmae, '
-    'rc_mae, dino, mokd'
-  )

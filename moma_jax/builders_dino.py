@@ -1,12 +1,11 @@
 """From a config to the DINO / MOKD objectives: backbones (ViT or ResNet, random or from a
 checkpoint), heads, multi-crop view checks. Every bad input fails here, before any compilation.
 
-Returns (objective, frozen variables, start params or None, notes), as ``builders.build_objective``.
+Each builder returns (objective, frozen variables, start params or None, notes), as every builder
+of objectives/registry.py.
 """
 
 from __future__ import annotations
-
-from typing import Any
 
 import ml_collections
 
@@ -15,6 +14,7 @@ from moma_jax.data import pipeline, sources
 from moma_jax.models import resnet, vit
 from moma_jax.models.heads import DinoHead, TransHead
 from moma_jax.objectives import dino as dino_lib
+from moma_jax.objectives.registry import Sizes
 
 
 def steps_per_epoch(config: ml_collections.ConfigDict) -> int:
@@ -67,18 +67,20 @@ def backbone(
   else:
     if expect == 'resnet':
       raise ValueError(f"{what}: arch={mc.arch!r} is not a ResNet (e.g. 'resnet50')")
-    m = builders._from_variant(mc.arch, size, mc.dtype, mc.get('drop_path', 0.0))
+    m = builders.vit_from_variant(mc.arch, size, mc.dtype, mc.get('drop_path', 0.0))
   return m, None, builders.input_norm(mc), f'{what}: randomly initialised {mc.arch}'
 
 
 def _check_size(model, size: int, what: str) -> None:
   if isinstance(model, vit.ViT):
-    builders._check_size(model, size, what)
+    builders.check_size(model, size, what)
 
 
 def build_dino(
-  config: ml_collections.ConfigDict, total_steps: int, per_epoch: int, loader: builders.Loader
+  config: ml_collections.ConfigDict, sizes: Sizes, loader: builders.Loader = builders.ARRAYS
 ):
+  """DINO on one backbone (a ViT or a ResNet)."""
+  total_steps, per_epoch = sizes.total_steps, sizes.steps_per_epoch or steps_per_epoch(config)
   d = config.dino
   size = config.data.image_size
   model, start, norm, note = backbone(config.model, size, 'model', loader=loader)
@@ -106,22 +108,11 @@ def build_dino(
                                 f'{l_size}px crops, {d.out_dim} prototypes']  # fmt: skip
 
 
-def build(
-  config: ml_collections.ConfigDict,
-  total_steps: int,
-  per_epoch: int | None = None,
-  loader: builders.Loader = builders.ARRAYS,
-) -> tuple[Any, dict, Any, list[str]]:
-  """DINO or MOKD; ``per_epoch``: the trainer's steps per epoch (read from the dataset if None)."""
-  per_epoch = per_epoch or steps_per_epoch(config)
-  if config.objective == 'dino':
-    return build_dino(config, total_steps, per_epoch, loader)
-  return build_mokd(config, total_steps, per_epoch, loader)
-
-
 def build_mokd(
-  config: ml_collections.ConfigDict, total_steps: int, per_epoch: int, loader: builders.Loader
+  config: ml_collections.ConfigDict, sizes: Sizes, loader: builders.Loader = builders.ARRAYS
 ):
+  """MOKD: a CNN and a ViT, each trained with DINO, distilling into each other."""
+  total_steps, per_epoch = sizes.total_steps, sizes.steps_per_epoch or steps_per_epoch(config)
   from moma_jax.objectives.mokd import Mokd
 
   k = config.mokd

@@ -47,6 +47,7 @@ from moma_jax.data import device, photometric, pipeline, sources
 from moma_jax.evaluators.classification import ClassificationEvaluator
 from moma_jax.evaluators.knn import KnnEvaluator, encoder_features, pixel_features
 from moma_jax.models import pretrained, resnet, vit
+from moma_jax.objectives import registry
 
 
 @flax.struct.dataclass
@@ -144,7 +145,7 @@ def jit_train_step(
 
 def make_optimizer(config, objective, total_steps: int, steps_per_epoch: int):
   """(optax transformation, lr schedule, peak lr) from config.optim."""
-  if hasattr(objective, 'make_optimizer'):  # DINO / MOKD: their own optimizers and schedules
+  if registry.entry(config.objective).own_optimizer:  # DINO / MOKD: own optimizers, schedules
     return objective.make_optimizer(config, total_steps, steps_per_epoch)
   o = config.optim
   peak = optim.learning_rate(o.base_lr, config.batch_size)
@@ -497,14 +498,16 @@ def build_setup(
   _check_split(config, train_examples, num_classes)
   steps_per_epoch = max(1, train_examples // config.batch_size)
   total_steps = config.num_train_steps or int(config.num_epochs * steps_per_epoch)
-  objective, frozen, start_params, notes = builders.build_objective(
+  objective, frozen, start_params, notes = registry.build_objective(
     config, num_classes, total_steps, steps_per_epoch, loader
   )
   missing_views = objective.required_views() - set(views)
   if missing_views:
     raise ValueError(f'data.views lacks {sorted(missing_views)}, which the objective reads')
   for name in objective.required_views():
-    if views[name].size != config.data.image_size and not getattr(objective, 'multi_crop', False):
+    if (
+      views[name].size != config.data.image_size and not registry.entry(config.objective).multi_crop
+    ):
       raise ValueError(f'view {name!r} must be data.image_size={config.data.image_size}px')
   tx, schedule, peak_lr = make_optimizer(config, objective, total_steps, steps_per_epoch)
   used = {k: views[k] for k in objective.required_views()}
@@ -519,7 +522,7 @@ def _check_split(config, train_examples: int, num_classes: int) -> None:
   """What would run to exit 0 and print nonsense: a batch the training split cannot fill (every
   batch would repeat its images), labels the probes cannot separate (top-1 100% by construction)."""
   where = f'{config.data.name} (split {config.data.train_split!r})'
-  labelled = config.objective == 'classification' or any(
+  labelled = registry.entry(config.objective).labelled or any(
     ec.every_steps or ec.at_end for ec in config.evaluators.values()
   )
   if labelled and num_classes < 2:

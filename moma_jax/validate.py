@@ -18,8 +18,8 @@ import ml_collections
 from moma_jax import storage
 from moma_jax.data.embedded import NAMES as EMBEDDED
 from moma_jax.models import variants
+from moma_jax.objectives import registry
 
-KNOWN_OBJECTIVES = ('moma', 'classification', 'mae', 'mocov3', 'dmae', 'rc_mae', 'dino', 'mokd')
 TORCH_SUFFIXES = ('.pth', '.pth.tar', '.pt', '.bin', '.safetensors')
 MAE_FORMATS = ('mae_pretrain', 'mae_full', 'mae_finetuned')
 EMBEDDED_SPLITS = ('train', 'test')
@@ -128,12 +128,12 @@ def _image_size(encoder: dict[str, Any]) -> int | None:
   return side * patch.shape[-1] if side * side == grid else None
 
 
-def _check_role(setting: str, path: str, role: str, image_size: int) -> None:
-  """role: 'encoder' (any ViT), 'mae' / 'moco' (a teacher of that name), 'mae_decoder' (MAE
+def _check_role(setting: str, path: str, role: str, image_size: int | None) -> None:
+  """role: 'encoder' (any ViT), 'any' (a ViT or a ResNet), 'mae' / 'moco' (a teacher of that name), 'mae_decoder' (MAE
   pre-training continued, which needs the decoder unless a fresh one is accepted). Its position
   embeddings must be for ``image_size`` px images (data.image_size)."""
   kind, components, size = checkpoint_kind(setting, path)
-  if size and size != image_size:
+  if size and image_size and size != image_size:
     _fail(
       setting, path,
       f'a ViT for {size}px images but data.image_size={image_size}; pass '
@@ -154,8 +154,8 @@ def _check_role(setting: str, path: str, role: str, image_size: int) -> None:
 
 
 def _check_run(c: ml_collections.ConfigDict) -> None:
-  if c.get('objective') not in KNOWN_OBJECTIVES:
-    _fail('objective', c.get('objective'), f'one of {", ".join(KNOWN_OBJECTIVES)}')
+  if c.get('objective') not in registry.OBJECTIVES:
+    _fail('objective', c.get('objective'), f'one of {", ".join(registry.OBJECTIVES)}')
   _positive(c, 'batch_size', 'must be > 0 (a multiple of the number of data-parallel devices)')
   if c.num_train_steps < 0:
     _fail('num_train_steps', c.num_train_steps, 'must be >= 0 (0: run num_epochs)')
@@ -177,15 +177,16 @@ def _check_run(c: ml_collections.ConfigDict) -> None:
     _fail('mesh', mesh, 'sizes are positive, with at most one -1 ("all remaining devices")')
 
 
-def _check_optim(o: ml_collections.ConfigDict) -> None:
+def _check_optim(o: ml_collections.ConfigDict, prefix: str = 'optim.') -> None:
   if o.name not in ('adamw', 'lars', 'sgd'):
-    _fail('optim.name', o.name, "one of 'adamw', 'lars', 'sgd'")
-  _positive(o, 'base_lr', 'must be > 0 (lr = base_lr * batch_size / 256)', 'optim.')
-  for key in ('min_lr', 'weight_decay', 'warmup_epochs', 'warmup_steps', 'grad_clip'):
+    _fail(f'{prefix}name', o.name, "one of 'adamw', 'lars', 'sgd'")
+  _positive(o, 'base_lr', 'must be > 0 (lr = base_lr * batch_size / 256)', prefix)
+  for key in ('min_lr', 'weight_decay', 'weight_decay_end', 'warmup_epochs', 'warmup_steps',
+              'grad_clip'):  # fmt: skip
     if o.get(key, 0) < 0:
-      _fail(f'optim.{key}', o[key], 'must be >= 0')
+      _fail(f'{prefix}{key}', o[key], 'must be >= 0')
   if not 0 < o.get('layer_decay', 1.0) <= 1:
-    _fail('optim.layer_decay', o.layer_decay, 'must be in (0, 1] (1: no layer decay)')
+    _fail(f'{prefix}layer_decay', o.layer_decay, 'must be in (0, 1] (1: no layer decay)')
 
 
 def evaluator_split(
@@ -251,15 +252,15 @@ def _check_data(c: ml_collections.ConfigDict) -> None:
       _fail(
         f'data.views.{vname}.scale', scale, 'a (min, max) area fraction with 0 < min <= max <= 1'
       )
-  if c.get('objective') not in ('dino', 'mokd'):  # one image size for every view (no multi-crop)
+  if not registry.entry(c.objective).multi_crop:  # one image size for every view
     off = {v: view.get('size', 224) for v, view in dict(d.views).items()}
     off = {v: size for v, size in off.items() if size != d.image_size}
     if off:
       fix = ' '.join(f'--config.data.views.{v}.size={d.image_size}' for v in off)
       _fail(
         f'data.views.{next(iter(off))}.size', next(iter(off.values())),
-        f'every view must be data.image_size={d.image_size}px; to change the image size pass '
-        f'{fix} with --config.data.image_size',
+        f'every view must be data.image_size={d.image_size}px: pass {fix} (the shipped configs\' '
+        'views follow --config.data.image_size alone)',
       )  # fmt: skip
   for ename, ev in dict(c.get('evaluators', {})).items():
     if ename not in ('knn', 'classification'):
@@ -272,7 +273,7 @@ def _check_data(c: ml_collections.ConfigDict) -> None:
         _check_split(name, f'evaluators.{ename}.{key}', ev[key])
 
 
-def _check_moma(c: ml_collections.ConfigDict) -> None:
+def check_moma(c: ml_collections.ConfigDict) -> None:
   m = c.moma
   _between(m, 'moma.', 'mask_ratio', 0.0, 1.0)
   if m.align not in ('cls', 'patch', 'both'):
@@ -315,7 +316,7 @@ def _check_moma(c: ml_collections.ConfigDict) -> None:
       _check_role(f'teachers.{name}.checkpoint', t.checkpoint, role, c.data.image_size)
 
 
-def _check_classification(c: ml_collections.ConfigDict) -> None:
+def check_classification(c: ml_collections.ConfigDict) -> None:
   k = c.classifier
   if k.pool not in ('gap', 'cls'):
     _fail('classifier.pool', k.pool, "'gap' or 'cls'")
@@ -336,7 +337,7 @@ def _check_classification(c: ml_collections.ConfigDict) -> None:
     _variant('classifier.variant', k.variant)
 
 
-def _check_pretraining(c: ml_collections.ConfigDict) -> None:
+def check_pretraining(c: ml_collections.ConfigDict) -> None:
   m = c.model
   _dtype('model.dtype', m.dtype)
   if 'mae' in c:
@@ -360,6 +361,72 @@ def _check_pretraining(c: ml_collections.ConfigDict) -> None:
     needs_decoder = c.objective in ('mae', 'dmae', 'rc_mae') and not m.get('fresh_decoder')
     role = 'mae_decoder' if needs_decoder else ('moco' if c.objective == 'mocov3' else 'encoder')
     _check_role('model.checkpoint', m.checkpoint, role, c.data.image_size)
+
+
+def _check_backbone(c: ml_collections.ConfigDict, prefix: str, kinds: str = 'vit resnet') -> None:
+  """A DINO / MOKD backbone section: arch a ViT variant or a ResNet name, dtype, checkpoint."""
+  m = c[prefix]
+  _dtype(f'{prefix}.dtype', m.get('dtype', 'float32'))
+  if m.get('checkpoint'):
+    _check_role(f'{prefix}.checkpoint', m.checkpoint, 'any', c.data.image_size)
+    return
+  if m.arch.startswith('resnet'):
+    if 'resnet' not in kinds:
+      _fail(f'{prefix}.arch', m.arch, 'is a ResNet; a ViT variant is needed here (e.g. S/16)')
+    if m.arch not in variants.RESNETS:
+      _fail(f'{prefix}.arch', m.arch, f'unknown ResNet; one of {", ".join(variants.RESNETS)}')
+  elif 'vit' not in kinds:
+    _fail(f'{prefix}.arch', m.arch, "a ResNet is needed here (e.g. 'resnet50')")
+  else:
+    _variant(f'{prefix}.arch', m.arch)
+
+
+def _check_multicrop(c: ml_collections.ConfigDict, section: str) -> None:
+  """DINO's shared settings (dino.* or mokd.*) and its views: 2 global crops of data.image_size,
+  num_local local crops of one smaller size."""
+  s = c[section]
+  for key in ('out_dim', 'hidden_dim', 'bottleneck_dim', 'head_layers'):
+    _positive(s, key, prefix=f'{section}.')
+  for key in ('student_temp', 'teacher_temp', 'warmup_teacher_temp'):
+    _positive(s, key, 'must be > 0 (a softmax temperature)', prefix=f'{section}.')
+  for key in ('momentum', 'center_momentum'):
+    _between(s, f'{section}.', key, 0.0, 1.0, hi_open=False)
+  if s.num_local < 0:
+    _fail(f'{section}.num_local', s.num_local, 'must be >= 0 (local crops per image)')
+  views = dict(c.data.views)
+  names = ['global1', 'global2', *(f'local{i + 1}' for i in range(s.num_local))]
+  missing = [n for n in names if n not in views]
+  if missing:
+    _fail(
+      'data.views', sorted(views),
+      f'{section} reads {", ".join(missing)} (2 global crops and {section}.num_local='
+      f'{s.num_local} local ones)',
+    )  # fmt: skip
+  for n in ('global1', 'global2'):
+    if views[n].get('size') != c.data.image_size:
+      _fail(f'data.views.{n}.size', views[n].get('size'),
+            f'global crops are data.image_size={c.data.image_size}px')  # fmt: skip
+
+
+def check_dino(c: ml_collections.ConfigDict) -> None:
+  _check_backbone(c, 'model')
+  _check_multicrop(c, 'dino')
+  for key in ('warmup_teacher_temp_epochs',):
+    if c.dino[key] < 0:
+      _fail(f'dino.{key}', c.dino[key], 'must be >= 0')
+
+
+def check_mokd(c: ml_collections.ConfigDict) -> None:
+  _check_backbone(c, 'cnn', 'resnet')
+  _check_backbone(c, 'vit', 'vit')
+  _check_multicrop(c, 'mokd')
+  k = c.mokd
+  for key in ('lambda_c', 'lambda_t', 'warmup_teacher_temp_epochs_cnn',
+              'warmup_teacher_temp_epochs_vit', 'search_depth'):  # fmt: skip
+    if k[key] < 0:
+      _fail(f'mokd.{key}', k[key], 'must be >= 0')
+  for name in ('optim_cnn', 'optim_vit'):
+    _check_optim(c[name], f'{name}.')
 
 
 def check_workdir(workdir: str) -> None:
@@ -387,11 +454,12 @@ def _check_layer_decay(config: ml_collections.ConfigDict) -> None:
   o = config.optim
   if o.get('layer_decay', 1.0) >= 1.0:
     return
-  if config.objective != 'classification':
+  if not registry.entry(config.objective).layer_decay:
+    takes = ', '.join(repr(n) for n, e in registry.OBJECTIVES.items() if e.layer_decay)
     _fail(
       'optim.layer_decay', o.layer_decay,
-      f"is MAE's fine-tuning rule and applies only to objective 'classification' (configs/"
-      f'finetune.py), not {config.objective!r}; leave it at 1.0',
+      f"is MAE's fine-tuning rule and applies only to objective {takes} (configs/finetune.py), "
+      f'not {config.objective!r}; leave it at 1.0',
     )  # fmt: skip
   if o.get('name', 'adamw') != 'adamw':
     _fail('optim.layer_decay', o.layer_decay, f"needs optim.name='adamw', not {o.name!r}")
@@ -407,9 +475,4 @@ def validate(config: ml_collections.ConfigDict, workdir: str | None) -> None:
     _check_optim(config.optim)
     _check_layer_decay(config)
   _check_data(config)
-  if config.objective == 'moma':
-    _check_moma(config)
-  elif config.objective == 'classification':
-    _check_classification(config)
-  elif config.objective in ('mae', 'mocov3', 'dmae', 'rc_mae'):
-    _check_pretraining(config)
+  registry.check(config)

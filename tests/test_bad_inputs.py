@@ -28,6 +28,8 @@ def _config(name: str, arg: str = 'runlocal') -> str:
 
 M2M = _config('moco_to_mae')
 MAE = _config('mae_pretrain')
+DINO = _config('dino_pretrain')
+MOKD = _config('mokd')
 
 # (id, command (WD, FILES substituted), expected exit code, expected text in the error line)
 CASES = [
@@ -132,6 +134,13 @@ CASES = [
   ),
   ('knn-batch', [M2M, '--config.evaluators.knn.batch_size=0'], 2, 'batch_size=0'),
   ('knn-split', [M2M, '--config.evaluators.knn.eval_split=val'], 2, 'evaluators.knn.eval_split'),
+  # DINO / MOKD: checked before JAX starts, as the other objectives (objectives/registry.py)
+  ('dino-arch', [DINO, '--config.model.arch=resnet51'], 2, "model.arch='resnet51': unknown ResNet"),
+  ('dino-temp', [DINO, '--config.dino.teacher_temp=0'], 2, 'dino.teacher_temp=0.0: must be > 0'),
+  ('dino-local', [DINO, '--config.dino.num_local=6'], 2, 'dino reads local5, local6'),
+  ('mokd-cnn', [MOKD, '--config.cnn.arch=S/16'], 2, "cnn.arch='S/16': a ResNet is needed here"),
+  ('mokd-optim', [MOKD, '--config.optim_vit.base_lr=0'], 2, 'optim_vit.base_lr=0'),
+  ('mokd-momentum', [MOKD, '--config.mokd.momentum=1.5'], 2, 'mokd.momentum=1.5'),
   ('mask-ratio', [M2M, '--config.moma.mask_ratio=1.0'], 2, 'moma.mask_ratio=1.0'),
   ('align', [M2M, '--config.moma.align=diag'], 2, "moma.align='diag'"),
   ('teacher-norm', [M2M, '--config.moma.teacher_norm=bn'], 2, "moma.teacher_norm='bn'"),

@@ -91,3 +91,17 @@ def test_layer_decay_is_refused_where_it_means_nothing():
   with pytest.raises(validate.ConfigError, match="needs optim.name='adamw', not 'lars'"):
     validate.validate(c, None)
   validate.validate(finetune.get_config(), None)  # layer_decay 0.65, AdamW: accepted
+
+
+def test_every_objective_is_one_registry_entry_that_resolves():
+  """Each shipped config's objective is in the registry, and its builder and check exist (adding
+  an objective = a module, a builder, a check and one line in objectives/registry.py)."""
+  from moma_jax.objectives import registry
+
+  names = {importlib.import_module(f'configs.{n}').get_config().objective for n in CONFIGS}
+  names |= {'mae', 'mocov3', 'dmae', 'rc_mae'}  # the other pre-training configs
+  assert names == set(registry.OBJECTIVES)
+  for entry in registry.OBJECTIVES.values():
+    assert callable(registry._resolve(entry.builder)) and callable(registry._resolve(entry.check))
+  with pytest.raises(ValueError, match="unknown objective 'byol'; one of moma, classification"):
+    registry.entry('byol')

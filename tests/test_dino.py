@@ -16,7 +16,7 @@ from convert.convert import convert_checkpoint, export_checkpoint
 from moma_jax import builders, ema
 from moma_jax.models import heads, resnet, vit
 from moma_jax.models.pretrained import load_pretrained
-from moma_jax.objectives import dino
+from moma_jax.objectives import dino, registry
 
 import torch_reference as ref
 import torch_resnet as tr
@@ -295,12 +295,12 @@ def test_bad_inputs_fail_in_one_line_before_compiling(tmp_path):
   views = c.data.views
   views.local2.size = 12
   with pytest.raises(ValueError, match=r'mismatched local crop sizes'):
-    builders.build_objective(c, 10, 100)
+    registry.build_objective(c, 10, 100)
   views.local2.size = 16
   for v in ('local1', 'local2', 'local3', 'local4'):
     views[v].size = 18
   with pytest.raises(ValueError, match='local crop size 18 is not divisible by the patch size 4'):
-    builders.build_objective(c, 10, 100)
+    registry.build_objective(c, 10, 100)
   # A ResNet checkpoint where a ViT is expected (a MOMA teacher).
   torch.save(tr.ResNet(tr.BasicBlock, [1, 1, 1, 1], 0, 8, True).state_dict(), tmp_path / 'r.pth')
   m = moco_to_mae.get_config('runlocal')

@@ -12,9 +12,8 @@ import pytest
 import torch
 
 from configs import mokd as mokd_config
-from moma_jax import builders
 from moma_jax.models import heads, resnet, vit
-from moma_jax.objectives import dino, mokd
+from moma_jax.objectives import dino, mokd, registry
 
 import torch_reference as ref
 import torch_resnet as tr
@@ -244,16 +243,16 @@ def test_mokd_config_and_bad_inputs(tmp_path):
   )  # fmt: skip
   assert full.data.views.local8.size == 96 and full.data.views.global1.scale == (0.25, 1.0)
   c = mokd_config.get_config('runlocal')
-  objective, _, start, _ = builders.build_objective(c, 10, 300)
+  objective, _, start, _ = registry.build_objective(c, 10, 300)
   assert isinstance(objective.cnn, resnet.ResNet) and start is None
   assert objective.flops_per_example() > 0
   c.vit.arch = 'resnet_mu'
   with pytest.raises(ValueError, match="vit: arch='resnet_mu' is a ResNet, but a ViT is expected"):
-    builders.build_objective(c, 10, 300)
+    registry.build_objective(c, 10, 300)
   c = mokd_config.get_config('runlocal')
   c.data.views.global2.size = 24
   with pytest.raises(ValueError, match='mismatched global crop sizes'):
-    builders.build_objective(c, 10, 300)
+    registry.build_objective(c, 10, 300)
   assert dino.view_names(2) == (('global1', 'global2'), ('local1', 'local2'))
 
 
@@ -262,7 +261,7 @@ def test_mokd_starts_from_a_torchvision_resnet_checkpoint(tmp_path):
   model = tr.ResNet(tr.BasicBlock, [1, 1, 1, 1], 10, 16, True).randomize()  # with an fc
   torch.save(model.state_dict(), tmp_path / 'r.pth')
   c = mokd_config.get_config(f'runlocal,cnn_checkpoint={tmp_path / "r.pth"}')
-  objective, _, start, notes = builders.build_objective(c, 10, 300)
+  objective, _, start, notes = registry.build_objective(c, 10, 300)
   assert objective.cnn.num_classes == 0 and 'resnet_mu' in notes[0]  # DINO's fc = Identity
   params, extra = jax.jit(objective.init)(jax.random.key(0), start)
   w = model.state_dict()['layer2.0.conv1.weight'].numpy().transpose(2, 3, 1, 0)

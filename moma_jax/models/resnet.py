@@ -22,23 +22,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from moma_jax.models import variants
+
 Array = jax.Array
 
 BN_EPS = 1e-5
 BN_MOMENTUM = 0.9  # PyTorch momentum 0.1
 
-# name -> (block, stage sizes, width, small stem). The tiny ones (3x3 stem, no max-pool: a 32 px
-# image keeps a 4x4 final map) are for the embedded 32 px dataset and the tests.
-_VARIANTS: dict[str, tuple[str, tuple[int, ...], int, bool]] = {
-  'resnet_pico': ('basic', (1, 1, 1, 1), 8, True),
-  'resnet_mu': ('basic', (1, 1, 1, 1), 16, True),
-  'resnet_milli': ('bottleneck', (1, 1, 1, 1), 16, True),
-  'resnet18': ('basic', (2, 2, 2, 2), 64, False),
-  'resnet34': ('basic', (3, 4, 6, 3), 64, False),
-  'resnet50': ('bottleneck', (3, 4, 6, 3), 64, False),
-  'resnet101': ('bottleneck', (3, 4, 23, 3), 64, False),
-  'resnet152': ('bottleneck', (3, 8, 36, 3), 64, False),
-}
+_VARIANTS = variants.RESNETS  # the names, JAX-free for validate.py
 
 
 def is_resnet_variant(name: str) -> bool:

@@ -61,3 +61,17 @@ def name_variant(width: int, depth: int, num_heads: int, patch_size: int) -> str
     if spec == (width, depth, num_heads):
       return f'{name}/{patch_size}'
   return None
+
+
+# name -> (block, stage sizes, width, small stem). The tiny ones (3x3 stem, no max-pool: a 32 px
+# image keeps a 4x4 final map) are for the embedded 32 px dataset and the tests.
+RESNETS: dict[str, tuple[str, tuple[int, ...], int, bool]] = {
+  'resnet_pico': ('basic', (1, 1, 1, 1), 8, True),
+  'resnet_mu': ('basic', (1, 1, 1, 1), 16, True),
+  'resnet_milli': ('bottleneck', (1, 1, 1, 1), 16, True),
+  'resnet18': ('basic', (2, 2, 2, 2), 64, False),
+  'resnet34': ('basic', (3, 4, 6, 3), 64, False),
+  'resnet50': ('bottleneck', (3, 4, 6, 3), 64, False),
+  'resnet101': ('bottleneck', (3, 4, 23, 3), 64, False),
+  'resnet152': ('bottleneck', (3, 8, 36, 3), 64, False),
+}

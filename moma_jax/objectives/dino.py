@@ -391,7 +391,6 @@ class Dino:
   local_size: int = 96
   input_norm: Normalization = IMAGENET
 
-  multi_crop = True  # the trainer leaves the view-size checks to the builder (check_multicrop)
   torch_format = 'dino'
 
   @property

@@ -145,7 +145,6 @@ class Mokd:
   cnn_input_norm: Normalization = IMAGENET
   input_norm: Normalization = IMAGENET  # the ViT's
 
-  multi_crop = True
   torch_format = 'dino'
 
   @property
