@@ -169,7 +169,7 @@ def _models(objective: Any) -> list[str]:
     value = getattr(objective, f.name)
     if isinstance(value, nn.Module):
       describe(f.name, value)
-  for t_name, t in (getattr(objective, 'teachers', None) or {}).items():
+  for t_name, t in objective.eval_teachers().items():
     describe(f'teacher {t_name}', t.model)
   return out
 

@@ -151,7 +151,7 @@ def make_optimizer(config, objective, total_steps: int, steps_per_epoch: int):
   peak = optim.learning_rate(o.base_lr, config.batch_size)
   warmup = o.warmup_steps or int(o.warmup_epochs * steps_per_epoch)
   schedule = optim.warmup_cosine(peak, warmup, total_steps, o.min_lr)
-  lr_groups = getattr(objective, 'lr_groups', ())
+  lr_groups = objective.lr_groups
   if lr_groups and o.name != 'adamw':  # validate.py says so first; this guards direct callers
     raise ValueError(f"optim.name={o.name!r}: parameter groups on own schedules need 'adamw'")
   for regex, _, hold in lr_groups:
@@ -211,9 +211,8 @@ def make_visualize(objective, mesh, count: int, augment=None) -> Callable[..., n
     if augment is not None:
       batch = augment(batch)
     batch = {k: batch[k][:count] for k in views}
-    if hasattr(objective, 'visualize'):
-      out = objective.visualize(params, extra, frozen, batch, jax.random.key(0))
-    else:
+    out = objective.visualize(params, extra, frozen, batch, jax.random.key(0))
+    if out is None:
       shape = batch[views[0]].shape
       out = {k: images.to_unit(v) for k, v in batch.items() if v.shape == shape}
     return images.side_by_side(out)
@@ -250,12 +249,12 @@ def make_evaluations(config, objective, mesh, data_axes) -> list[Evaluation]:
         return ev.run(features, (state.params, state.extra, frozen), 'knn/model')
 
       def final(state, frozen, ev=ev, ec=ec, pool=pool, features=features):
-        if ec.get('teachers') and hasattr(objective, 'teachers'):
-          for t_name, t in objective.teachers.items():
+        if ec.get('teachers'):
+          for t_name, t in objective.eval_teachers().items():
             n = t.input_norm
             fn = encoder_features(t.model, pool=pool, mean=n.mean, std=n.std)
             yield from ev.run(fn, frozen[t_name], f'knn/teacher_{t_name}')
-        for tag, fn in getattr(objective, 'extra_features', dict)().items():  # MOKD's CNN
+        for tag, fn in objective.extra_features().items():  # MOKD's CNN
           run_fn = lambda a, x, fn=fn: fn(*a, x)  # noqa: E731
           yield from ev.run(run_fn, (state.params, state.extra, frozen), f'knn/{tag}')
         if ec.get('random_init'):  # the same architecture, randomly initialised: the floor
@@ -756,7 +755,7 @@ def _train(config, workdir, setup: Setup, train_src, evaluations: list[Evaluatio
   if exported:
     export_model(
       exported, workdir, {'config': config.name, 'steps': step},
-      getattr(objective, 'torch_format', None), objective.input_norm,
+      objective.torch_format, objective.input_norm,
     )  # fmt: skip
     logging.info('exported the trained model to %s/export', workdir)
   final = {'step': step, **(history[-1] if history else {}), **baseline}

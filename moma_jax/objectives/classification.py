@@ -23,6 +23,7 @@ from moma_jax import flops
 from moma_jax.data import mixing
 from moma_jax.models.pretrained import IMAGENET, Normalization
 from moma_jax.models.vit import ViT, pool_tokens
+from moma_jax.objectives import Objective
 
 Array = jax.Array
 
@@ -72,7 +73,7 @@ def merge_pretrained(init: Any, pretrained: Any, skip: tuple[str, ...]) -> tuple
 
 
 @dataclasses.dataclass(frozen=True)
-class Classification:
+class Classification(Objective):
   model: ViT  # with num_classes and pool set
   linear_probe: bool = False
   label_smoothing: float = 0.1

@@ -38,6 +38,7 @@ from moma_jax.models import resnet
 from moma_jax.models.heads import DinoHead, resample_pos_grid
 from moma_jax.models.pretrained import IMAGENET, Normalization
 from moma_jax.models.vit import ViT
+from moma_jax.objectives import Objective
 from moma_jax.optim import tree_paths
 
 Array = jax.Array
@@ -367,7 +368,7 @@ def view_names(num_local: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
 
 
 @dataclasses.dataclass(frozen=True)
-class Dino:
+class Dino(Objective):
   """DINO for a ViT (``vit.ViT``) or a ResNet (``resnet.ResNet``) backbone.
 
   params: {'backbone', 'head'}; extra: {'teacher': {'backbone', 'head'}, 'center' [1, K],

@@ -14,6 +14,7 @@ from moma_jax import images as viz
 from moma_jax.models.heads import MaeDecoder
 from moma_jax.models.pretrained import IMAGENET, Normalization
 from moma_jax.models.vit import ViT, patchify, pool_tokens
+from moma_jax.objectives import Objective
 
 Array = jax.Array
 
@@ -47,7 +48,7 @@ def mae_decoder_for(encoder: ViT, width: int = 512, depth: int = 8, heads: int =
 
 
 @dataclasses.dataclass(frozen=True)
-class Mae:
+class Mae(Objective):
   encoder: ViT
   decoder: MaeDecoder
   mask_ratio: float = 0.75

@@ -20,6 +20,7 @@ from moma_jax import ema, flops
 from moma_jax.models.heads import MlpHead
 from moma_jax.models.pretrained import IMAGENET, Normalization
 from moma_jax.models.vit import ViT, pool_tokens
+from moma_jax.objectives import Objective
 
 Array = jax.Array
 
@@ -34,7 +35,7 @@ def infonce(q: Array, k: Array, temperature: float) -> Array:
 
 
 @dataclasses.dataclass(frozen=True)
-class MocoV3:
+class MocoV3(Objective):
   encoder: ViT
   projector: MlpHead  # 3 layers, 4096 hidden, 256 out, last BN without affine
   predictor: MlpHead  # 2 layers, 4096 hidden, 256 out, no last BN

@@ -40,7 +40,7 @@ from moma_jax.models import resnet
 from moma_jax.models.heads import DinoHead, TransHead
 from moma_jax.models.pretrained import IMAGENET, Normalization
 from moma_jax.models.vit import ViT
-from moma_jax.objectives import dino
+from moma_jax.objectives import Objective, dino
 
 Array = jax.Array
 
@@ -110,7 +110,7 @@ def mokd_losses(
 
 
 @dataclasses.dataclass(frozen=True)
-class Mokd:
+class Mokd(Objective):
   """MOKD with a ResNet (``cnn``) and a ViT (``vit``).
 
   params: {'cnn': {'backbone', 'head', 'search'}, 'vit': {...}}; extra: {'teacher': the same

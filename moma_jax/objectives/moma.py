@@ -44,6 +44,7 @@ from moma_jax import flops, masking
 from moma_jax import images as viz
 from moma_jax.models.pretrained import IMAGENET, Normalization
 from moma_jax.models.vit import ViT, gather_tokens, pool_tokens
+from moma_jax.objectives import Objective
 
 Array = jax.Array
 
@@ -81,7 +82,7 @@ class Teacher:
 
 
 @dataclasses.dataclass(frozen=True)
-class Moma:
+class Moma(Objective):
   """The MOMA objective: pure functions of (params, frozen teacher params, batch, rng)."""
 
   student: ViT
@@ -163,7 +164,10 @@ class Moma:
     """Parameters the optimizer must not touch: the fixed sin-cos position embedding."""
     return r'^student/pos_embed$'
 
-  @property
+  def eval_teachers(self) -> dict[str, Teacher]:
+    return self.teachers
+
+  @property  # type: ignore[override]  (a property where Objective has a class attribute)
   def lr_groups(self) -> tuple[tuple[str, float, int], ...]:
     """(regex, lr multiplier, steps held at lr 0) per parameter group (``train.make_optimizer``):
     the projector warm-up and the projectors' own lr; none with the paper's single schedule."""
