@@ -685,6 +685,7 @@ def _train(config, workdir, setup: Setup, train_src, evaluations: list[Evaluatio
     ckpt.save(at_step, state, facts)
 
   prev_metrics = None
+  collapsed = False  # the collapse warning is given once
   t_log, steps_since_log = time.perf_counter(), 0
   t_start, first_step = t_log, step
   stop = min(total_steps, config.stop_at_step or total_steps)
@@ -722,10 +723,18 @@ def _train(config, workdir, setup: Setup, train_src, evaluations: list[Evaluatio
         history.append({'step': step, **scalars})
         t_log, steps_since_log = time.perf_counter(), 0
         eta = (total_steps - step) * (t_log - t_start) / max(step - first_step, 1)
-        logging.info(
-          'step %d/%d  loss %.4g  %.0f img/s  ETA %s', step, total_steps, scalars['loss'],
-          scalars['images_per_sec'], _duration(eta),
+        entropy = ''.join(  # DINO / MOKD: the collapse signals, per teacher
+          f'  {k.replace("teacher_", "H_")} {v:.2f}' for k, v in scalars.items()
+          if k.startswith(('teacher_entropy', 'teacher_batch_entropy'))
         )  # fmt: skip
+        logging.info(
+          'step %d/%d  loss %.4g  %.0f img/s  ETA %s%s', step, total_steps, scalars['loss'],
+          scalars['images_per_sec'], _duration(eta), entropy,
+        )  # fmt: skip
+        warning = None if collapsed else objective.collapse(scalars)
+        if warning:
+          collapsed = True
+          logging.warning('step %d: %s', step, warning)
       if visualize is not None and (step % config.image_every == 0 or step == total_steps):
         writer.write_images(step, {'images': visualize(state.params, state.extra, frozen, shown)})
       for ev in evaluations:

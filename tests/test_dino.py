@@ -346,3 +346,37 @@ def test_collapse_metrics_name_both_collapses():
   np.testing.assert_allclose(got['teacher_entropy'], -(p * logp).sum(1).mean(), rtol=1e-4)
   q = p.mean(0)
   np.testing.assert_allclose(got['teacher_batch_entropy'], -(q * np.log(q)).sum(), rtol=1e-4)
+
+
+def test_collapse_warning_names_the_collapse_and_stays_quiet_when_healthy():
+  k = 256
+  uniform = {'teacher_entropy': 0.99 * np.log(k), 'teacher_batch_entropy': np.log(k)}
+  assert 'uniform output' in dino.collapse_warning(uniform, k)
+  one = {'teacher_entropy': 0.01, 'teacher_batch_entropy': 0.02}
+  assert 'the same prototype' in dino.collapse_warning(one, k)
+  healthy = {'teacher_entropy': 2.0, 'teacher_batch_entropy': 4.5}
+  assert dino.collapse_warning(healthy, k) is None
+  mokd = {f'{m}/{s}': v for s, d in (('cnn', healthy), ('vit', uniform)) for m, v in d.items()}
+  line = dino.collapse_warning(mokd, k, ('cnn', 'vit'))
+  assert 'the vit teacher gives every image the uniform output' in line and 'cnn' not in line
+
+
+def test_trainer_logs_the_entropies_and_warns_once_when_the_teacher_collapses(tmp_path, caplog):
+  """A teacher at temperature 100 gives every image the uniform output from the first step: the
+  step lines carry both entropies and one warning names the step (issue 32)."""
+  import logging
+
+  from moma_jax import train
+
+  from runlocal_helpers import runlocal_config
+
+  c = runlocal_config('dino_pretrain', 4, 1000, 2)
+  c.dino.update(teacher_temp=100.0, warmup_teacher_temp=100.0)
+  with caplog.at_level(logging.INFO):
+    train.train_and_evaluate(c, str(tmp_path))
+  steps = [r.getMessage() for r in caplog.records if r.getMessage().startswith('step ')]
+  assert any('H_entropy' in m and 'H_batch_entropy' in m for m in steps), steps
+  warnings = [m for m in steps if 'collapsed' in m]
+  assert len(warnings) == 1 and warnings[0].startswith('step 2: the teacher gives every image'), (
+    warnings
+  )

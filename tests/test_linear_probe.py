@@ -52,7 +52,7 @@ def _probe(mesh, data_axes, train_f, train_y, test_f, test_y, valid=None):
 
 def test_probe_agrees_with_scikit_learn_on_digits():
   """Same objective as LogisticRegression(C=1) on StandardScaler'd features (what
-  small_scale.probe runs on the host): >= 95% of the test predictions agree and the top-1 is
+  an outside reference): >= 95% of the test predictions agree and the top-1 is
   within 2 points (measured: 99.7% agreement, top-1 21.4% here, 21.5% scikit-learn's)."""
   from sklearn.linear_model import LogisticRegression
   from sklearn.preprocessing import StandardScaler

@@ -1,8 +1,8 @@
 """Linear probe on frozen features, on device: multinomial logistic regression, full batch.
 
-The model is scikit-learn's ``LogisticRegression(C=c)`` on standardised features (what
-``moma_jax.experiments.small_scale.probe`` runs on the host, and what MAE's linear probe does with
-its BatchNorm without affine before the linear head):
+The model is scikit-learn's ``LogisticRegression(C=c)`` on standardised features (the outside
+reference tests/test_linear_probe.py checks it against, and what MAE's linear probe does with its
+BatchNorm without affine before the linear head):
 
   z = (x - mean) / sqrt(var + eps)           train-split mean / variance per dimension, eps 1e-6
   minimise  1/n sum_i CE(z_i W + b, y_i)  +  1/(2 c n) ||W||^2     (n valid train rows; b free)

@@ -37,7 +37,6 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from moma_jax import hardware, storage
@@ -207,64 +206,53 @@ def make_config(run: Run, seed: int, steps: int):
 # --- evaluation ------------------------------------------------------------------------------------
 
 
-def token_features(model, variables, images: np.ndarray, batch: int = 512) -> np.ndarray:
-  """[CLS, mean of patch tokens] after the final norm, [N, 2D] float32."""
-  from moma_jax.data.mixing import normalize
+def _evaluator():
+  """The trainer's k-NN / linear-probe evaluator as runlocal configures it (digits train -> test,
+  32 px, batch 256): every number here is the one a run's summary would print."""
+  from moma_jax import sharding
+  from moma_jax.evaluators.knn import KnnEvaluator
 
-  @jax.jit
-  def fn(x):
-    tokens, _ = model.apply(variables, normalize(x))
-    return jnp.concatenate([tokens[:, 0], tokens[:, 1:].mean(1)], -1).astype(jnp.float32)
-
-  return np.concatenate(
-    [np.asarray(fn(images[i : i + batch])) for i in range(0, len(images), batch)]
-  )
+  return KnnEvaluator(
+    dataset='digits', train_split='train', eval_split='test', image_size=32, batch_size=256,
+    mesh=sharding.make_mesh({'data': -1}), data_axes=('data',), resize_ratio=1.0, linear=True,
+  )  # fmt: skip
 
 
-def probe(train_f, train_y, test_f, test_y) -> dict[str, float]:
-  """k-NN and linear-probe top-1 on the test split."""
-  from sklearn.linear_model import LogisticRegression
-  from sklearn.preprocessing import StandardScaler
-
-  from moma_jax.evaluators.knn import knn_predict
-
-  scores = knn_predict(train_f, train_y, test_f, num_classes=int(train_y.max()) + 1)
-  scaler = StandardScaler().fit(train_f)
-  clf = LogisticRegression(C=1.0, max_iter=2000).fit(scaler.transform(train_f), train_y)
-  return {
-    'knn': float((scores.argmax(1) == test_y).mean()),
-    'linear': float(clf.score(scaler.transform(test_f), test_y)),
-  }
+def _scores(features_fn, params) -> dict[str, float]:
+  r = dict(_evaluator().run(features_fn, params))
+  return {'knn': r['knn/top1'], 'linear': r['knn/linear']}
 
 
-def evaluate_encoder(model, variables) -> dict[str, float]:
-  """k-NN and linear probe of an encoder on the embedded digits (train -> test)."""
-  from moma_jax.data import embedded
+def evaluate_encoder(model, variables, norm) -> dict[str, float]:
+  """k-NN and linear probe of an encoder on the embedded digits (train -> test): [CLS, mean of
+  patch tokens] after the final norm, the images normalised with the model's own statistics."""
+  from moma_jax.evaluators.knn import encoder_features
 
-  (tr_x, tr_y), (te_x, te_y) = embedded.load('train'), embedded.load('test')
-  feats = [token_features(model, variables, x) for x in (tr_x, te_x)]
-  return probe(feats[0], tr_y, feats[1], te_y)
+  fn = encoder_features(model, pool='cls+mean', mean=norm.mean, std=norm.std)
+  return _scores(fn, variables)
 
 
 def evaluate_checkpoint(path: str) -> dict[str, float]:
   from moma_jax.builders import encoder_of, load_checkpoint
 
-  return evaluate_encoder(*encoder_of(load_checkpoint(path), path))
+  loaded = load_checkpoint(path)
+  return evaluate_encoder(*encoder_of(loaded, path), loaded.normalization)
 
 
 def evaluate_random_init(variant: str, seed: int = 0) -> dict[str, float]:
-  """The floor of a trained encoder: the same architecture randomly initialised, same evaluation."""
+  """The floor of a trained encoder: the same architecture randomly initialised, same evaluation
+  (ImageNet statistics, as the trainer's random-init row)."""
   from moma_jax.builders import random_vit
+  from moma_jax.models import pretrained
 
-  return evaluate_encoder(*random_vit(variant, 32, 'float32', jax.random.key(seed)))
+  model, variables = random_vit(variant, 32, 'float32', jax.random.key(seed))
+  return evaluate_encoder(model, variables, pretrained.IMAGENET)
 
 
 def raw_pixels() -> dict[str, float]:
-  from moma_jax.data import embedded
+  from moma_jax.evaluators.knn import pixel_features
 
-  (tr_x, tr_y), (te_x, te_y) = embedded.load('train'), embedded.load('test')
-  flat = lambda x: x.reshape(len(x), -1).astype(np.float32)  # noqa: E731
-  return probe(flat(tr_x), tr_y, flat(te_x), te_y)
+  return _scores(pixel_features(), None)
 
 
 def execute(run: Run, seed: int, steps: int, workdir: str) -> dict[str, Any]:

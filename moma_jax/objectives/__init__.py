@@ -70,6 +70,11 @@ class Objective:
     reports as knn/<tag> (MOKD's CNN)."""
     return {}
 
+  def collapse(self, metrics: dict[str, Any]) -> str | None:
+    """A one-line warning when the logged ``metrics`` (host floats) show a collapsed model
+    (DINO / MOKD teachers), else None; the trainer logs it with the step, once."""
+    return None
+
   def visualize(self, params, extra, frozen, batch, rng) -> dict[str, jax.Array] | None:
     """Image panels for TensorBoard ({name: [B, H, W, 3] in [0, 1]}); None: the views as they
     are trained on."""

@@ -99,6 +99,36 @@ def dino_cross_entropy(
   return total / terms
 
 
+# A teacher is reported collapsed when one image's output is within 3% of the uniform entropy
+# ln K (every image: no signal), or the batch-mean output within 3% of 0 (every image: one
+# prototype). docs/results.md (issue 32): collapsed runlocal runs sat at ln K from step ~50-100.
+COLLAPSE_MARGIN = 0.03
+
+
+def collapse_warning(
+  metrics: dict[str, Any], num_prototypes: int, suffixes: Sequence[str] = ('',)
+) -> str | None:
+  """One line naming each collapsed teacher (metrics of :func:`collapse_metrics`, '/<suffix>'
+  per model), or None."""
+  ln_k, found = float(np.log(num_prototypes)), []
+  for suffix in suffixes:
+    tag = f'/{suffix}' if suffix else ''
+    h, hb = float(metrics[f'teacher_entropy{tag}']), float(metrics[f'teacher_batch_entropy{tag}'])
+    who = f'the {suffix} teacher' if suffix else 'the teacher'
+    if h >= (1 - COLLAPSE_MARGIN) * ln_k:
+      found.append(
+        f'{who} gives every image the uniform output (entropy {h:.2f}, ln K = {ln_k:.2f})'
+      )
+    elif hb <= COLLAPSE_MARGIN * ln_k:
+      found.append(f'{who} gives every image the same prototype (batch entropy {hb:.2f})')
+  if not found:
+    return None
+  return (
+    '; '.join(found) + ': the teacher has collapsed and the student learns nothing from it '
+    '(lower the lr, a slower teacher momentum, a lower teacher temperature; docs/results.md)'
+  )
+
+
 def dino_loss(
   student: Sequence[Array],
   teacher: Sequence[Array],
@@ -472,6 +502,9 @@ class Dino(Objective):
     metrics = {'loss': loss, 'momentum': m, 'teacher_temp': temp}
     metrics.update(collapse_metrics(t_out, extra['center'], temp))
     return loss, (metrics, new)
+
+  def collapse(self, metrics) -> str | None:
+    return collapse_warning(metrics, self.head.out_dim)
 
   def features(self, params, extra, frozen, images: Array, pool: str = 'cls') -> Array:
     del params, frozen, pool  # the backbone's own feature (ViT CLS / ResNet pooled), as DINO's

@@ -106,6 +106,9 @@ def mokd_losses(
   l_cnn = terms['cnn'] + terms['cnn_search'] + lambda_c * (terms['cnn_cross'] + terms['cnn_query'])
   l_vit = terms['vit'] + terms['vit_search'] + lambda_t * (terms['vit_cross'] + terms['vit_query'])
   m = {f'loss/{k}': v for k, v in terms.items()}
+  for name, t, temp in (('cnn', t_cnn, temp_cnn), ('vit', t_vit, temp_vit)):  # each DINO teacher
+    for k, v in dino.collapse_metrics(t['head'], centers[name], temp).items():
+      m[f'{k}/{name}'] = v
   return l_cnn, l_vit, new, m
 
 
@@ -303,6 +306,9 @@ class Mokd(Objective):
       self.cnn_input_norm(images), train=False,
     )  # fmt: skip
     return feat.astype(jnp.float32)
+
+  def collapse(self, metrics) -> str | None:
+    return dino.collapse_warning(metrics, self.cnn_head.out_dim, ('cnn', 'vit'))
 
   def extra_features(self):
     return {'teacher_cnn': self.cnn_features}  # reported as knn/teacher_cnn
