@@ -67,9 +67,17 @@ SHORT_IMAGENET = SHORT + [
 ]  # fmt: skip
 
 
+# The README and the pages its details moved to: their bash blocks are run alike, in this order.
+PAGES = [README] + [
+  os.path.join(ROOT, 'docs', f'{n}.md')
+  for n in ('training', 'convert', 'data', 'reliability', 'performance', 'testing')
+]
+
+
 def readme_commands() -> list[str]:
-  """Every command line of the README's bash blocks: continuations joined, comments dropped."""
-  text = open(README).read()
+  """Every command line of the README's (and its detail pages') bash blocks: continuations joined,
+  comments dropped."""
+  text = '\n'.join(open(p).read() for p in PAGES)
   out = []
   for block in re.findall(r'```bash\n(.*?)```', text, re.S):
     for line in block.replace('\\\n', ' ').splitlines():
