@@ -17,6 +17,7 @@ import re
 from typing import Any
 
 import numpy as np
+from flax import traverse_util
 
 StateDict = dict[str, np.ndarray]
 Variables = dict[str, Any]
@@ -50,17 +51,6 @@ def _set(tree: dict, path: list[str], value: Any) -> None:
   tree[path[-1]] = value
 
 
-def flatten(tree: dict, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
-  """Nested dict -> {path tuple: leaf}."""
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, dict):
-      out.update(flatten(v, prefix + (k,)))
-    else:
-      out[prefix + (k,)] = v
-  return out
-
-
 def torch_to_flax(state: StateDict) -> Variables:
   """PyTorch state dict -> {'params': ..., ['batch_stats': ...]} nested dicts of numpy arrays."""
   variables: Variables = {}
@@ -92,7 +82,7 @@ def flax_to_torch(variables: Variables) -> StateDict:
   Transposed leaves are numpy views, not copies: writers make them contiguous as they write.
   """
   state: StateDict = {}
-  for path, value in flatten(variables.get('params', {})).items():
+  for path, value in traverse_util.flatten_dict(variables.get('params', {})).items():
     *mods, leaf = path
     prefix = '.'.join(_split_numeric(m) for m in mods)
     value = np.asarray(value)
@@ -102,7 +92,7 @@ def flax_to_torch(variables: Variables) -> StateDict:
     elif leaf == 'scale':
       leaf = 'weight'
     state[f'{prefix}.{leaf}' if prefix else leaf] = value
-  for path, value in flatten(variables.get('batch_stats', {})).items():
+  for path, value in traverse_util.flatten_dict(variables.get('batch_stats', {})).items():
     *mods, leaf = path
     prefix = '.'.join(_split_numeric(m) for m in mods)
     state[f'{prefix}.running_{leaf}'] = np.asarray(value)

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import traverse_util
 
 from convert import layouts
 from moma_jax import optim, sharding, train
@@ -34,7 +35,7 @@ def test_layer_decay_matches_mae_rule_for_every_vit_b_parameter():
   params = {'model': shapes['params']}
   scales = optim.layer_decay_scales(params, 12, 0.65)
   # Map every Flax parameter to its PyTorch name (the converter's mapping) and apply MAE's rule.
-  flat_scales = {'/'.join(p): s for p, s in layouts.flatten(scales['model']).items()}
+  flat_scales = traverse_util.flatten_dict(scales['model'], sep='/')
   zeros = jax.tree.map(lambda s: np.broadcast_to(np.zeros((), s.dtype), s.shape), shapes)
   torch_names = list(layouts.flax_to_torch(zeros))
   assert len(torch_names) == len(flat_scales) == 152

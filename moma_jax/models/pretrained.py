@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from flax import traverse_util
 
 from moma_jax import storage
 from moma_jax.models import heads, resnet, vit
@@ -165,10 +166,7 @@ def abstract_variables(spec: ComponentSpec) -> dict[str, Any]:
 
 
 def _flat_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
-  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-  return {
-    '/'.join(str(getattr(k, 'key', k)) for k in path): tuple(np.shape(leaf)) for path, leaf in flat
-  }
+  return {k: tuple(np.shape(v)) for k, v in traverse_util.flatten_dict(tree, sep='/').items()}
 
 
 def check_variables(expected: Any, actual: Any, what: str) -> None:
