@@ -242,8 +242,11 @@ def _check_data(c: ml_collections.ConfigDict) -> None:
         local['data_dir'],
         'no such directory; give data.manual_dir too to prepare the dataset there',
       )
-  for key in ('train_split', 'eval_split'):
-    _check_split(name, f'data.{key}', d[key])
+  evaluated = registry.entry(c.objective).labelled or any(
+    ev.get('every_steps') or ev.get('at_end') for ev in dict(c.get('evaluators', {})).values()
+  )
+  for key in ('train_split', 'eval_split') if evaluated else ('train_split',):
+    _check_split(name, f'data.{key}', d[key])  # the eval split only where something reads it
   for vname, view in dict(d.views).items():
     size, scale = view.get('size', 224), view.get('scale')
     if size <= 0:

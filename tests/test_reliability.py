@@ -222,7 +222,7 @@ def test_bad_teacher_checkpoints_fail_fast_with_one_line(tmp_path, converted_tea
     'pth_file': 'not a readable PyTorch checkpoint',  # files are converted on the fly
     'deleted_file': 'corrupt or truncated',
     'flipped_byte': 'corrupt or truncated',
-    'wrong_size': 'takes 48px images',
+    'wrong_size': 'a ViT for 48px images but data.image_size=32',  # validate.py, before JAX
   }[damage]
   assert expected in err[0], err[0]
   assert not workdir.exists()  # failed before writing anything
