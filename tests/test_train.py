@@ -112,6 +112,10 @@ def test_main_runlocal_end_to_end(tmp_path):
     if (m := re.search(r'step (\d+)/300 +loss [\d.]+ +\d+ img/s +ETA', line))
   ]
   assert steps == list(range(25, 301, 25)), steps
+  # The minute after the last step says what it is doing (the export, the final evaluation).
+  for said in ('exported the trained model to', 'final evaluation (knn) of the trained model and',
+               'final evaluation (knn): '):  # fmt: skip
+    assert any(said in line for line in log), '\n'.join(log)
   block = r.stdout[r.stdout.index('moco_to_mae: 300/300 steps') :]
   pct = r' +\d+\.\d%'
   for pattern in (  # k-NN and linear-probe columns
