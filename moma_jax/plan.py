@@ -41,8 +41,9 @@ class DoesNotFit(RuntimeError):
 
 
 def split_size(config: ml_collections.ConfigDict) -> tuple[int, int]:
-  """(train examples, classes) of the config's train split: the tfds catalogue (sources.KNOWN_SPLITS), else the split's
-  metadata (embedded data, an image folder, a prepared tfds dataset); no example is read."""
+  """(train examples, classes) of the config's train split: the tfds catalogue's figures
+  (sources.KNOWN_SPLITS), else the split's metadata (embedded data, an image folder, a prepared
+  tfds dataset); no example is read."""
   d = config.data
   if (d.name, d.train_split) in sources.KNOWN_SPLITS:
     return sources.KNOWN_SPLITS[(d.name, d.train_split)]

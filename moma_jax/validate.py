@@ -129,9 +129,9 @@ def _image_size(encoder: dict[str, Any]) -> int | None:
 
 
 def _check_role(setting: str, path: str, role: str, image_size: int | None) -> None:
-  """role: 'encoder' (any ViT), 'any' (a ViT or a ResNet), 'mae' / 'moco' (a teacher of that name), 'mae_decoder' (MAE
-  pre-training continued, which needs the decoder unless a fresh one is accepted). Its position
-  embeddings must be for ``image_size`` px images (data.image_size)."""
+  """role: 'encoder' (any ViT), 'any' (a ViT or a ResNet), 'mae' / 'moco' (a teacher of that
+  name), 'mae_decoder' (MAE pre-training continued, which needs the decoder unless a fresh one is
+  accepted). A ViT's position embeddings must be for ``image_size`` px images (data.image_size)."""
   kind, components, size = checkpoint_kind(setting, path)
   if size and image_size and size != image_size:
     _fail(
