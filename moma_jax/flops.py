@@ -16,12 +16,9 @@ def vit_forward_flops(
   return 2.0 * macs
 
 
-def vit_flops(model, patches: int | None = None, embedded: int | None = None) -> float:
+def vit_flops(model, patches: int | None = None) -> float:
   """Forward FLOPs of a ViT module (moma_jax.models.vit.ViT: width, depth, mlp_dim, patch_size,
-  channels, num_patches) on ``patches`` patch tokens plus CLS (default: every patch), of which
-  ``embedded`` (default: all of them) go through the patch embedding."""
+  channels, num_patches) on ``patches`` patch tokens (default: every patch) plus CLS."""
   n = model.num_patches if patches is None else patches
   pp = model.patch_size**2 * model.channels
-  return vit_forward_flops(
-    model.width, model.depth, model.mlp_dim, 1 + n, pp, n if embedded is None else embedded
-  )
+  return vit_forward_flops(model.width, model.depth, model.mlp_dim, 1 + n, pp, n)

@@ -521,10 +521,7 @@ def _check_split(config, train_examples: int, num_classes: int) -> None:
   """What would run to exit 0 and print nonsense: a batch the training split cannot fill (every
   batch would repeat its images), labels the probes cannot separate (top-1 100% by construction)."""
   where = f'{config.data.name} (split {config.data.train_split!r})'
-  labelled = registry.entry(config.objective).labelled or any(
-    ec.every_steps or ec.at_end for ec in config.evaluators.values()
-  )
-  if labelled and num_classes < 2:
+  if validate.reads_labels(config) and num_classes < 2:
     raise ValueError(
       f'{where} has {num_classes} class: the k-NN / linear-probe / classification scores would be '
       '100% by construction; give a folder with one sub-folder per class, or turn the evaluators '
@@ -586,12 +583,14 @@ def train_and_evaluate(
   total_steps, steps_per_epoch = setup.total_steps, setup.steps_per_epoch
   evaluations = [] if unprepared else make_evaluations(config, objective, mesh, data_axes)
   if dry_run:
-    setup_examples = sources.KNOWN_SPLITS.get((d.name, d.train_split), (0, 0))[0]
     plan = {
       'mesh': dict(mesh.shape), 'batch_size': config.batch_size, 'num_train_steps': total_steps,
       'steps_per_epoch': steps_per_epoch, 'peak_lr': setup.peak_lr,
       'dataset': f'{d.name}/{d.train_split}',
-      'train_examples': opened[0].total_examples if opened else f'{setup_examples:,} (catalogue)',
+      'train_examples': (
+        opened[0].total_examples if opened
+        else f'{sources.KNOWN_SPLITS[(d.name, d.train_split)][0]:,} (catalogue)'
+      ),
       'gflops_per_step': objective.flops_per_example() * config.batch_size / 1e9,
     }  # fmt: skip
     for note in notes:
@@ -723,13 +722,10 @@ def _train(config, workdir, setup: Setup, train_src, evaluations: list[Evaluatio
         history.append({'step': step, **scalars})
         t_log, steps_since_log = time.perf_counter(), 0
         eta = (total_steps - step) * (t_log - t_start) / max(step - first_step, 1)
-        entropy = ''.join(  # DINO / MOKD: the collapse signals, per teacher
-          f'  {k.replace("teacher_", "H_")} {v:.2f}' for k, v in scalars.items()
-          if k.startswith(('teacher_entropy', 'teacher_batch_entropy'))
-        )  # fmt: skip
+        progress = ''.join(f'  {label} {scalars[k]:.2f}' for label, k in objective.progress_metrics)
         logging.info(
           'step %d/%d  loss %.4g  %.0f img/s  ETA %s%s', step, total_steps, scalars['loss'],
-          scalars['images_per_sec'], _duration(eta), entropy,
+          scalars['images_per_sec'], _duration(eta), progress,
         )  # fmt: skip
         warning = None if collapsed else objective.collapse(scalars)
         if warning:

@@ -198,6 +198,14 @@ def evaluator_split(
   return ec.get(key) or config.data[data_key]
 
 
+def reads_labels(config: ml_collections.ConfigDict) -> bool:
+  """Whether the run reads labels (and so the evaluation split): a labelled objective, or an
+  evaluator that runs periodically or at the end."""
+  return registry.entry(config.objective).labelled or any(
+    ev.get('every_steps') or ev.get('at_end') for ev in dict(config.get('evaluators', {})).values()
+  )
+
+
 def _check_split(dataset: str, setting: str, split: str) -> None:
   if dataset in EMBEDDED and split not in EMBEDDED_SPLITS:
     _fail(setting, split, f'{dataset} has splits {", ".join(EMBEDDED_SPLITS)}')
@@ -242,10 +250,7 @@ def _check_data(c: ml_collections.ConfigDict) -> None:
         local['data_dir'],
         'no such directory; give data.manual_dir too to prepare the dataset there',
       )
-  evaluated = registry.entry(c.objective).labelled or any(
-    ev.get('every_steps') or ev.get('at_end') for ev in dict(c.get('evaluators', {})).values()
-  )
-  for key in ('train_split', 'eval_split') if evaluated else ('train_split',):
+  for key in ('train_split', 'eval_split') if reads_labels(c) else ('train_split',):
     _check_split(name, f'data.{key}', d[key])  # the eval split only where something reads it
   for vname, view in dict(d.views).items():
     size, scale = view.get('size', 224), view.get('scale')

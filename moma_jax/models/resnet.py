@@ -29,8 +29,6 @@ Array = jax.Array
 BN_EPS = 1e-5
 BN_MOMENTUM = 0.9  # PyTorch momentum 0.1
 
-_VARIANTS = variants.RESNETS  # the names, JAX-free for validate.py
-
 
 def is_resnet_variant(name: str) -> bool:
   return name.startswith('resnet')
@@ -38,14 +36,14 @@ def is_resnet_variant(name: str) -> bool:
 
 def decode_variant(name: str) -> dict[str, Any]:
   """'resnet50' -> ResNet constructor kwargs (block, stage_sizes, width, small_stem)."""
-  if name not in _VARIANTS:
-    raise ValueError(f'unknown ResNet variant {name!r}; one of {", ".join(_VARIANTS)}')
-  block, stages, width, small = _VARIANTS[name]
+  if name not in variants.RESNETS:
+    raise ValueError(f'unknown ResNet variant {name!r}; one of {", ".join(variants.RESNETS)}')
+  block, stages, width, small = variants.RESNETS[name]
   return dict(block=block, stage_sizes=stages, width=width, small_stem=small)
 
 
 def name_variant(block: str, stage_sizes, width: int, small_stem: bool) -> str | None:
-  for name, spec in _VARIANTS.items():
+  for name, spec in variants.RESNETS.items():
     if spec == (block, tuple(stage_sizes), width, small_stem):
       return name
   return None

@@ -59,6 +59,9 @@ class Objective:
   # ((regex, lr multiplier, steps held at lr 0), ...): parameter groups on schedules of their own
   # (AdamW; MOMA's projector warm-up).
   lr_groups: tuple[tuple[str, float, int], ...] = ()
+  # ((label, metric name), ...) shown on every step line of the log (DINO / MOKD: the teachers'
+  # collapse signals).
+  progress_metrics: tuple[tuple[str, str], ...] = ()
 
   def eval_teachers(self) -> dict[str, Any]:
     """{name: teacher} of frozen teachers (``.model`` a ViT, ``.input_norm`` its statistics;

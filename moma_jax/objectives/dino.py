@@ -503,6 +503,11 @@ class Dino(Objective):
     metrics.update(collapse_metrics(t_out, extra['center'], temp))
     return loss, (metrics, new)
 
+  progress_metrics = (
+    ('H_entropy', 'teacher_entropy'),
+    ('H_batch_entropy', 'teacher_batch_entropy'),
+  )
+
   def collapse(self, metrics) -> str | None:
     return collapse_warning(metrics, self.head.out_dim)
 

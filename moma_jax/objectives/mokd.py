@@ -307,6 +307,12 @@ class Mokd(Objective):
     )  # fmt: skip
     return feat.astype(jnp.float32)
 
+  progress_metrics = tuple(
+    (f'{label}/{model}', f'{name}/{model}')
+    for model in ('cnn', 'vit')
+    for label, name in dino.Dino.progress_metrics
+  )
+
   def collapse(self, metrics) -> str | None:
     return dino.collapse_warning(metrics, self.cnn_head.out_dim, ('cnn', 'vit'))
 
