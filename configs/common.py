@@ -67,10 +67,14 @@ def shortened_runlocal(
   name: str, steps: int, *, checkpoint_every: int, log_every: int, overrides=()
 ) -> ml_collections.ConfigDict:
   """configs/<name>.py:runlocal, ``steps`` long, without the final k-NN (the caller evaluates, or
-  does not), then dotted-key ``overrides``: for tests and experiments built on runlocal runs."""
+  does not), then dotted-key ``overrides``: for tests and experiments built on runlocal runs.
+  ``name`` may carry more config arguments: 'moco_to_mae:recipe=paper' is moco_to_mae.py:runlocal,recipe=paper."""
   import importlib
 
-  c = importlib.import_module(f'configs.{name}').get_config('runlocal')
+  name, _, arg = name.partition(':')
+  c = importlib.import_module(f'configs.{name}').get_config(
+    ','.join(filter(None, ('runlocal', arg)))
+  )
   c.num_train_steps = steps
   c.log_every = log_every
   c.checkpoint_every = checkpoint_every

@@ -229,7 +229,7 @@ def test_each_model_sees_its_own_input_statistics(tmp_path):
     tmp_path / 'teacher', {'encoder': pretrained.spec_of(teacher)}, {'encoder': t_vars}, half
   )
   config = common.shortened_runlocal(
-    'moco_to_mae', 1, checkpoint_every=1, log_every=1,
+    'moco_to_mae:recipe=paper', 1, checkpoint_every=1, log_every=1,
     overrides={'teachers.moco.checkpoint': str(tmp_path / 'teacher'),
                'teachers.moco.student_view': 'masked', 'student.checkpoint': ''},
   )  # fmt: skip

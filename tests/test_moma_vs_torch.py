@@ -93,7 +93,7 @@ def test_moma_trainer_follows_an_independent_torch_implementation(tmp_path):
     convert_checkpoint(str(tmp_path / name), str(tmp_path / name.split('.')[0]), num_heads=2)
 
   config = common.override(
-    moco_to_mae.get_config('runlocal'),
+    moco_to_mae.get_config('runlocal,recipe=paper'),
     {
       'teachers.moco.checkpoint': str(tmp_path / 'moco'), 'student.checkpoint': str(tmp_path / 'mae'),
       'batch_size': BATCH, 'num_train_steps': STEPS, 'optim.warmup_steps': WARMUP,

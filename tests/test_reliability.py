@@ -159,7 +159,7 @@ def test_skip_nonfinite_counts_and_continues(tmp_path):
 
 def test_refuses_to_resume_a_different_experiment(tmp_path):
   train.train_and_evaluate(_config(stop_at_step=10), str(tmp_path))
-  with pytest.raises(ValueError, match=r'different experiment .*moma\.mask_ratio: 0\.9 -> 0\.75'):
+  with pytest.raises(ValueError, match=r'different experiment .*moma\.mask_ratio: 0\.5 -> 0\.75'):
     train.train_and_evaluate(_config(**{'moma.mask_ratio': 0.75}), str(tmp_path))
   out = train.train_and_evaluate(_config(num_train_steps=20), str(tmp_path))  # length may change
   assert out['step'] == 20

@@ -71,7 +71,10 @@ class Row:
 def plan(tables: tuple[str, ...], mask_ratios: tuple[float, ...] = MASK_RATIOS) -> list[Row]:
   """The table rows; a run shared by several tables (MoCo -> MAE at 90%) is trained once."""
   T = teachers.path  # noqa: N806
-  moco_to_mae = Run('moco_to_mae', 'moco_to_mae')
+  # The paper's loss (align both, mask 90%, runlocal's lr), not runlocal's small-scale recipe:
+  # these tables replicate the paper's, and every row built on them changes one setting.
+  paper = 'moco_to_mae:recipe=paper'
+  moco_to_mae = Run('moco_to_mae', paper)
   mae_to_moco = Run('mae_to_moco', 'mae_to_moco')
   rows = []
   if 't2' in tables:
@@ -106,15 +109,15 @@ def plan(tables: tuple[str, ...], mask_ratios: tuple[float, ...] = MASK_RATIOS) 
     for r in sorted(mask_ratios):
       run = moco_to_mae
       if r != 0.9:
-        run = Run(f'moco_to_mae_mask{round(100 * r)}', 'moco_to_mae', (('moma.mask_ratio', r),))
+        run = Run(f'moco_to_mae_mask{round(100 * r)}', paper, (('moma.mask_ratio', r),))
       rows.append(Row('t4', f'mask {100 * r:.0f}%', run))
   if 'abl' in tables:
     rows += [
       Row('abl', 'MoCo -> MAE (student also gets the strong view)', moco_to_mae),
       Row('abl', 'no strong-augmentation view for the MoCo teacher',
-          Run('moco_to_mae_no_strong', 'moco_to_mae', (('teachers.moco.student_view', 'masked'),))),
+          Run('moco_to_mae_no_strong', paper, (('teachers.moco.student_view', 'masked'),))),
       Row('abl', 'teacher masked too (sees only the visible patches)',
-          Run('moco_to_mae_masked_teacher', 'moco_to_mae', (('moma.mask_teacher', True),))),
+          Run('moco_to_mae_masked_teacher', paper, (('moma.mask_teacher', True),))),
     ]  # fmt: skip
   if 'mech' in tables:  # issue 29: does a student move toward a teacher that is clearly better?
     sup = ('teachers.mae.checkpoint', T('supervised_mu'))
@@ -152,7 +155,7 @@ def plan(tables: tuple[str, ...], mask_ratios: tuple[float, ...] = MASK_RATIOS) 
     cls = ('moma.align', 'cls')
 
     def m2m(key: str, label: str, *overrides) -> Row:
-      return Row('cls', f'MoCo -> MAE, {label}', Run(key, 'moco_to_mae', overrides))
+      return Row('cls', f'MoCo -> MAE, {label}', Run(key, paper, overrides))
 
     rows += [
       Row('cls', 'MoCo v3 mu teacher', _shipped('mocov3_mu')),
