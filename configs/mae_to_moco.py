@@ -1,6 +1,8 @@
 r"""MOMA: MAE teacher -> pre-trained MoCo v3 student, no strong augmentation.
 
   python main.py --config=configs/mae_to_moco.py:runlocal --workdir=/tmp/mae_to_moco
+  # runlocal keeps the paper's loss here (recipe=small: configs/common.py, small_scale_recipe):
+  python main.py --config=configs/mae_to_moco.py:runlocal,recipe=small --workdir=/tmp/mae_to_moco_s
   python main.py --config=configs/mae_to_moco.py --workdir=gs://BUCKET/mae_to_moco \
     --config.teachers.mae.checkpoint=ckpt/mae_l16 --config.student.checkpoint=ckpt/mocov3_b16 \
     --config.data.data_dir=gs://BUCKET/tfds
@@ -11,11 +13,12 @@ from configs import common
 
 
 def get_config(arg: str | None = None):
-  args = common.parse_arg(arg, runlocal=False, teacher='', student='')
+  args = common.parse_arg(arg, runlocal=False, teacher='', student='', recipe='')
   c = common.moma_config('mae_to_moco', args)
   c.teachers.mae = common.teacher(args.teacher, student_view='masked')
   c.student.checkpoint = args.student
   if args.runlocal:  # the shipped tiny MAE teacher and MoCo v3 student (random: teacher=random)
     c.teachers.mae.update(variant='mu/4', checkpoint=common.shipped(args.teacher, 'mae_mu'))
     c.student.checkpoint = common.shipped(args.student, 'mocov3_mu')
+  common.moma_recipe(c, args, runlocal_default='paper')
   return c

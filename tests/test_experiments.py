@@ -126,6 +126,14 @@ def test_small_scale_replication_ci_size(tmp_path, monkeypatch):
   before = json.loads((tmp_path / 'results.json').read_text())
   again = small_scale.main(args)  # resumes: nothing left to train
   assert again['results'] == before['results']
+  # The same workdir under the small-scale recipe is another experiment: refused, nothing lost.
+  with pytest.raises(SystemExit, match='holds 6-step runs of recipe paper, not 6 of small'):
+    small_scale.main([*args, '--recipe', 'small'])
+  assert json.loads((tmp_path / 'results.json').read_text()) == before
+  with pytest.raises(SystemExit, match='--recipe small with --tables mech / cls'):
+    small_scale.main(['--workdir', str(tmp_path), '--recipe', 'small', '--tables', 'cls'])
+  small = {r.run.key: r.run.config for r in small_scale.plan(('t2', 't4'), (0.9,), 'small')}
+  assert small['moco_to_mae'] == 'moco_to_mae:recipe=small' and small['multi'].endswith('=small')
 
 
 def test_random_teacher_is_still_available_and_said_in_capitals():
@@ -136,3 +144,26 @@ def test_random_teacher_is_still_available_and_said_in_capitals():
   _, _, student, notes = builders.build_moma(c)
   assert student is not None  # the shipped MAE student, converted from its .pth
   assert any('RANDOMLY INITIALISED' in n for n in notes), notes
+
+
+def test_finetune_yardstick_resumes_reports_and_refuses_bad_paths(tmp_path, capsys):
+  """Finished runs are read back, not rerun (no JAX work here: every run is in results.json), the
+  report has each init's mean ± std over seeds, and a --distilled without {seed} is refused."""
+  from moma_jax.experiments import finetune_yardstick as fy
+
+  with pytest.raises(SystemExit, match=r'error: --distilled .* has no \{seed\}'):
+    fy.main(['--workdir', str(tmp_path), '--distilled', '/tmp/c1/s0'])
+  top1 = {'scratch': (0.80, 0.82), 'before': (0.90, 0.92), 'after': (0.93, 0.97)}
+  results = {
+    k: {str(s): {'top1': v, 'wall_s': 30.0} for s, v in enumerate(vs)} for k, vs in top1.items()
+  }
+  (tmp_path / 'results.json').write_text(json.dumps({'steps': 0, 'results': results}))
+  fy.main(['--workdir', str(tmp_path), '--seeds', '2'])
+  md = (tmp_path / 'results.md').read_text()
+  assert (
+    '| MAE mu after command 1 (MoCo v3 -> MAE, small-scale recipe) | 2 | 95.0 ± 2.8 | 93.0, 97.0 |'
+    in md
+  )
+  assert 'fine-tune from' not in capsys.readouterr().out  # nothing was trained
+  with pytest.raises(SystemExit, match='holds runs of --steps 0, not 5'):
+    fy.main(['--workdir', str(tmp_path), '--steps', '5'])

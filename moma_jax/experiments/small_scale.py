@@ -2,6 +2,7 @@ r"""Offline small-scale replication of the MOMA paper's ablations on the embedde
 
   python -m moma_jax.experiments.small_scale --workdir=/tmp/small_scale       # ~20 min, 2 CPU cores
   python -m moma_jax.experiments.small_scale --workdir=/tmp/ss --tables t2 --seeds 1 --steps 20
+  python -m moma_jax.experiments.small_scale --workdir=/tmp/ss_small --recipe small --tables t2 t4
 
 Every run is a ``main.py`` job (the configs' ``:runlocal`` recipe: batch 64, AdamW, the same fixed
 step budget for every row) on the shipped tiny teachers (``teachers/``, loaded through
@@ -20,7 +21,10 @@ Tables (analogues of the paper's; sizes pico < mu < milli play S < B < L):
   mech a supervised mu/4 teacher (trained with the labels, not self-supervised) -> the pre-trained
       MAE mu student and a random mu student: the student must move toward a clearly better
       teacher, whatever the SSL teachers are worth.
-  cls the lever the mechanism check found (align the CLS token only) on the three settings.
+  cls the lever the mechanism check found (align the CLS token only) on the three settings, and
+      runlocal's small-scale recipe built on it (configs/common.py, small_scale_recipe).
+``--recipe small`` reruns t2-t4 and abl with the MOMA configs' small-scale recipe instead of the
+paper's loss (mech and cls change one setting of the paper's loss, so they stay with it).
 The command is resumable: finished runs are read back from WORKDIR/results.json. It writes
 WORKDIR/results.md, results.json and the PNG plots (loss curves, accuracy vs mask ratio).
 """
@@ -68,14 +72,20 @@ class Row:
   run: Run
 
 
-def plan(tables: tuple[str, ...], mask_ratios: tuple[float, ...] = MASK_RATIOS) -> list[Row]:
-  """The table rows; a run shared by several tables (MoCo -> MAE at 90%) is trained once."""
+def plan(
+  tables: tuple[str, ...], mask_ratios: tuple[float, ...] = MASK_RATIOS, recipe: str = 'paper'
+) -> list[Row]:
+  """The table rows; a run shared by several tables (MoCo -> MAE at 90%) is trained once.
+  ``recipe``: the MOMA configs' (configs/common.py, moma_recipe): 'paper' replicates the paper's
+  loss (align both, mask 90%, runlocal's lr) and every mech / cls row changes one setting of it;
+  'small' reruns t2-t4 and abl under runlocal's small-scale recipe."""
   T = teachers.path  # noqa: N806
-  # The paper's loss (align both, mask 90%, runlocal's lr), not runlocal's small-scale recipe:
-  # these tables replicate the paper's, and every row built on them changes one setting.
-  paper = 'moco_to_mae:recipe=paper'
-  moco_to_mae = Run('moco_to_mae', paper)
-  mae_to_moco = Run('mae_to_moco', 'mae_to_moco')
+  moco2mae, mae2moco, multi = (
+    f'{n}:recipe={recipe}' for n in ('moco_to_mae', 'mae_to_moco', 'multi_teacher')
+  )
+  moco_to_mae = Run('moco_to_mae', moco2mae)
+  mae_to_moco = Run('mae_to_moco', mae2moco)
+  mae_scratch = Run('mae_scratch', 'mae_pretrain')
   rows = []
   if 't2' in tables:
     rows += [
@@ -83,8 +93,8 @@ def plan(tables: tuple[str, ...], mask_ratios: tuple[float, ...] = MASK_RATIOS) 
       Row('t2', 'MAE mu: teacher of MAE -> MoCo, start of MoCo -> MAE', _shipped('mae_mu')),
       Row('t2', 'MoCo -> MAE (pre-trained MAE mu student)', moco_to_mae),
       Row('t2', 'MAE -> MoCo (pre-trained MoCo v3 mu student)', mae_to_moco),
-      Row('t2', 'Multi: MoCo + MAE -> random mu student', Run('multi', 'multi_teacher')),
-      Row('t2', 'MAE from scratch, same budget, no teacher', Run('mae_scratch', 'mae_pretrain')),
+      Row('t2', 'Multi: MoCo + MAE -> random mu student', Run('multi', multi)),
+      Row('t2', 'MAE from scratch, same budget, no teacher', mae_scratch),
       Row('t2', 'random-init mu/4 (no training; the floor)', _random('mu/4')),
     ]  # fmt: skip
   if 't3' in tables:
@@ -101,7 +111,7 @@ def plan(tables: tuple[str, ...], mask_ratios: tuple[float, ...] = MASK_RATIOS) 
         run = mae_to_moco
         if (t_name, s_name) != ('mae_mu', 'mocov3_mu'):
           variant = teachers.RECIPES[t_name].variant
-          run = Run(f'mae_{t_label}_to_moco_{s_label}', 'mae_to_moco',
+          run = Run(f'mae_{t_label}_to_moco_{s_label}', mae2moco,
                     (('teachers.mae.checkpoint', T(t_name)), ('teachers.mae.variant', variant),
                      ('student.checkpoint', T(s_name))))  # fmt: skip
         rows.append(Row('t3', f'MAE {t_label} -> MoCo v3 {s_label}', run))
@@ -109,21 +119,21 @@ def plan(tables: tuple[str, ...], mask_ratios: tuple[float, ...] = MASK_RATIOS) 
     for r in sorted(mask_ratios):
       run = moco_to_mae
       if r != 0.9:
-        run = Run(f'moco_to_mae_mask{round(100 * r)}', paper, (('moma.mask_ratio', r),))
+        run = Run(f'moco_to_mae_mask{round(100 * r)}', moco2mae, (('moma.mask_ratio', r),))
       rows.append(Row('t4', f'mask {100 * r:.0f}%', run))
   if 'abl' in tables:
     rows += [
       Row('abl', 'MoCo -> MAE (student also gets the strong view)', moco_to_mae),
       Row('abl', 'no strong-augmentation view for the MoCo teacher',
-          Run('moco_to_mae_no_strong', paper, (('teachers.moco.student_view', 'masked'),))),
+          Run('moco_to_mae_no_strong', moco2mae, (('teachers.moco.student_view', 'masked'),))),
       Row('abl', 'teacher masked too (sees only the visible patches)',
-          Run('moco_to_mae_masked_teacher', paper, (('moma.mask_teacher', True),))),
+          Run('moco_to_mae_masked_teacher', moco2mae, (('moma.mask_teacher', True),))),
     ]  # fmt: skip
   if 'mech' in tables:  # issue 29: does a student move toward a teacher that is clearly better?
     sup = ('teachers.mae.checkpoint', T('supervised_mu'))
 
     def sup_to_mae(key: str, label: str, *overrides) -> Row:
-      run = Run(key, 'mae_to_moco', (sup, ('student.checkpoint', T('mae_mu')), *overrides))
+      run = Run(key, mae2moco, (sup, ('student.checkpoint', T('mae_mu')), *overrides))
       return Row('mech', f'supervised -> pre-trained MAE mu{label}', run)
 
     rows += [
@@ -132,7 +142,7 @@ def plan(tables: tuple[str, ...], mask_ratios: tuple[float, ...] = MASK_RATIOS) 
       Row('mech', 'random-init mu/4 (no training; the floor)', _random('mu/4')),
       sup_to_mae('sup_to_mae', ' student'),
       Row('mech', 'supervised -> random mu student',
-          Run('sup_to_random', 'mae_to_moco', (sup, ('student.checkpoint', '')))),
+          Run('sup_to_random', mae2moco, (sup, ('student.checkpoint', '')))),
     ]  # fmt: skip
     for r in (0.75, 0.0):  # how much of what is missing is the 6 of 64 patches the student sees
       rows.append(sup_to_mae(f'sup_to_mae_mask{round(100 * r)}', f' student, mask {100 * r:.0f}%',
@@ -155,7 +165,7 @@ def plan(tables: tuple[str, ...], mask_ratios: tuple[float, ...] = MASK_RATIOS) 
     cls = ('moma.align', 'cls')
 
     def m2m(key: str, label: str, *overrides) -> Row:
-      return Row('cls', f'MoCo -> MAE, {label}', Run(key, paper, overrides))
+      return Row('cls', f'MoCo -> MAE, {label}', Run(key, moco2mae, overrides))
 
     rows += [
       Row('cls', 'MoCo v3 mu teacher', _shipped('mocov3_mu')),
@@ -163,8 +173,8 @@ def plan(tables: tuple[str, ...], mask_ratios: tuple[float, ...] = MASK_RATIOS) 
       Row('cls', 'MoCo -> MAE, align both (the paper)', moco_to_mae),
       m2m('moco_to_mae_cls', 'align CLS only', cls),
       Row('cls', 'MAE -> MoCo, align both (the paper)', mae_to_moco),
-      Row('cls', 'MAE -> MoCo, align CLS only', Run('mae_to_moco_cls', 'mae_to_moco', (cls,))),
-      Row('cls', 'Multi -> random mu, align CLS only', Run('multi_cls', 'multi_teacher', (cls,))),
+      Row('cls', 'MAE -> MoCo, align CLS only', Run('mae_to_moco_cls', mae2moco, (cls,))),
+      Row('cls', 'Multi -> random mu, align CLS only', Run('multi_cls', multi, (cls,))),
       m2m('moco_to_mae_cls_center', 'align CLS only, target_stats=center', cls,
           ('moma.target_stats', 'center')),
       m2m('moco_to_mae_cls_mask0', 'align CLS only, mask 0% (is it the teacher?)', cls,
@@ -174,6 +184,18 @@ def plan(tables: tuple[str, ...], mask_ratios: tuple[float, ...] = MASK_RATIOS) 
       m2m('moco_to_mae_cls_mask50_lr4', 'align CLS only, mask 50%, lr x4', cls,
           ('moma.mask_ratio', 0.5), ('optim.base_lr', 4e-3)),
       m2m('moco_to_mae_lr4', 'align both, lr x4 (peak 1e-3)', ('optim.base_lr', 4e-3)),
+      # Multi with command 1's small-scale recipe, against MAE from scratch at both lrs.
+      Row('cls', 'Multi -> random mu, align CLS only, mask 50%, lr x4',
+          Run('multi_cls_mask50_lr4', multi,
+              (cls, ('moma.mask_ratio', 0.5), ('optim.base_lr', 4e-3)))),
+      Row('cls', 'Multi -> random mu, align both, mask 50%, lr x4',
+          Run('multi_mask50_lr4', multi, (('moma.mask_ratio', 0.5), ('optim.base_lr', 4e-3)))),
+      Row('cls', 'MAE -> MoCo, align CLS only, mask 50%, lr x4',
+          Run('mae_to_moco_cls_mask50_lr4', mae2moco,
+              (cls, ('moma.mask_ratio', 0.5), ('optim.base_lr', 4e-3)))),
+      Row('cls', 'MAE from scratch, same budget, no teacher', mae_scratch),
+      Row('cls', 'MAE from scratch, lr x4', Run('mae_scratch_lr4', 'mae_pretrain',
+                                                 (('optim.base_lr', 4e-3),))),
       Row('cls', 'random-init mu/4 (no training; the floor)', _random('mu/4')),
     ]  # fmt: skip
   return rows
@@ -380,16 +402,18 @@ def plots(rows: list[Row], results: dict, out: str) -> list[str]:
   return paths
 
 
-def load_results(res_path: str, steps: int) -> dict[str, Any]:
-  """The state of a resumable experiment ({'steps', 'results'}): read back from ``res_path`` if it
-  exists (refused if its runs had another length), else empty."""
+def load_results(res_path: str, steps: int, recipe: str = 'paper') -> dict[str, Any]:
+  """The state of a resumable experiment ({'steps', 'recipe', 'results'}): read back from
+  ``res_path`` if it exists (refused if its runs had another length or recipe), else empty."""
   if not os.path.exists(res_path):
-    return {'steps': steps, 'results': {}}
+    return {'steps': steps, 'recipe': recipe, 'results': {}}
   with open(res_path) as f:
     state = json.load(f)
-  if state['steps'] != steps:
+  state.setdefault('recipe', 'paper')  # written before the small-scale recipe existed
+  if (state['steps'], state['recipe']) != (steps, recipe):
     raise SystemExit(
-      f'error: {res_path} holds {state["steps"]}-step runs, not {steps}; use another --workdir'
+      f'error: {res_path} holds {state["steps"]}-step runs of recipe {state["recipe"]}, not '
+      f'{steps} of {recipe}; use another --workdir'
     )
   return state
 
@@ -400,11 +424,18 @@ def main(argv: list[str] | None = None) -> dict:
   p.add_argument('--tables', nargs='+', choices=TABLES, default=list(TABLES))
   p.add_argument('--seeds', type=int, default=3, help='seeds per training run')
   p.add_argument('--steps', type=int, default=STEPS, help='training steps per run')
+  p.add_argument('--recipe', choices=('paper', 'small'), default='paper',
+                 help="the MOMA configs' recipe; 'small' for t2 t3 t4 abl only")  # fmt: skip
   p.add_argument('--no-floor', action='store_true', help='skip the raw-pixel floor (~1 min)')
   p.add_argument('--mask-ratios', type=float, nargs='+', default=list(MASK_RATIOS), help='t4 rows')
   p.add_argument('--only', nargs='+', default=None, help='train only these run keys (the report '
                  'shows every row with results)')  # fmt: skip
   a = p.parse_args(argv)
+  if a.recipe != 'paper' and {'mech', 'cls'} & set(a.tables):
+    raise SystemExit(
+      f'error: --recipe {a.recipe} with --tables mech / cls: those rows change one setting of the '
+      "paper's loss; pick --tables from t2 t3 t4 abl"
+    )
   hardware.quiet_libtpu()  # before JAX starts: no libtpu start-up errors without a TPU
   missing = [n for n in teachers.RECIPES if not os.path.isfile(teachers.path(n))]
   if missing:
@@ -413,9 +444,9 @@ def main(argv: list[str] | None = None) -> dict:
       'run python -m moma_jax.experiments.teachers'
     )
   os.makedirs(a.workdir, exist_ok=True)
-  rows = plan(tuple(a.tables), tuple(a.mask_ratios))
+  rows = plan(tuple(a.tables), tuple(a.mask_ratios), a.recipe)
   res_path = os.path.join(a.workdir, 'results.json')
-  state = load_results(res_path, a.steps)
+  state = load_results(res_path, a.steps, a.recipe)
   results = state['results']
   t_start = time.time()
   for run in unique_runs(rows):
