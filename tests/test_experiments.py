@@ -134,6 +134,7 @@ def test_small_scale_replication_ci_size(tmp_path, monkeypatch):
     small_scale.main(['--workdir', str(tmp_path), '--recipe', 'small', '--tables', 'cls'])
   small = {r.run.key: r.run.config for r in small_scale.plan(('t2', 't4'), (0.9,), 'small')}
   assert small['moco_to_mae'] == 'moco_to_mae:recipe=small' and small['multi'].endswith('=small')
+  assert small['moco_to_mae_mask90'] == 'moco_to_mae:recipe=small'  # its default is 50%
 
 
 def test_random_teacher_is_still_available_and_said_in_capitals():

@@ -116,9 +116,14 @@ def plan(
                      ('student.checkpoint', T(s_name))))  # fmt: skip
         rows.append(Row('t3', f'MAE {t_label} -> MoCo v3 {s_label}', run))
   if 't4' in tables:
+    from configs import common
+
+    default = common.shortened_runlocal(
+      moco2mae, 1, checkpoint_every=1, log_every=1
+    ).moma.mask_ratio
     for r in sorted(mask_ratios):
       run = moco_to_mae
-      if r != 0.9:
+      if r != default:
         run = Run(f'moco_to_mae_mask{round(100 * r)}', moco2mae, (('moma.mask_ratio', r),))
       rows.append(Row('t4', f'mask {100 * r:.0f}%', run))
   if 'abl' in tables:
