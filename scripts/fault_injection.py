@@ -25,7 +25,9 @@ _PROGRESS = re.compile(r'step \d+/\d+ ')  # train.py's progress line
 
 def _command(workdir: str, steps: int, checkpoint_every: int) -> list[str]:
   return [
-    sys.executable, 'main.py', '--config=configs/moco_to_mae.py:runlocal', f'--workdir={workdir}',
+    # recipe=paper: 10% of the patches, half the small-scale recipe's step; resumption does not
+    # depend on the loss.
+    sys.executable, 'main.py', '--config=configs/moco_to_mae.py:runlocal,recipe=paper', f'--workdir={workdir}',
     f'--config.num_train_steps={steps}', f'--config.checkpoint_every={checkpoint_every}',
     '--config.evaluators.knn.at_end=False', '--config.log_every=10',
   ]  # fmt: skip
