@@ -1,8 +1,10 @@
 r"""MOMA: MAE teacher -> pre-trained MoCo v3 student, no strong augmentation.
 
   python main.py --config=configs/mae_to_moco.py:runlocal --workdir=/tmp/mae_to_moco
-  # runlocal keeps the paper's loss here (recipe=small: configs/common.py, small_scale_recipe):
-  python main.py --config=configs/mae_to_moco.py:runlocal,recipe=small --workdir=/tmp/mae_to_moco_s
+  # runlocal: the small-scale recipe (configs/common.py, small_scale_recipe), 3 seeds: k-NN 52.8% ->
+  # 45.0 +- 0.5, linear 74.3% -> 69.6 +- 0.9: below its start, toward a teacher that is weaker than
+  # the student here (the shipped MAE mu: 39.3 / 70.3); the paper's loss ends at 35.0 / 67.9:
+  python main.py --config=configs/mae_to_moco.py:runlocal,recipe=paper --workdir=/tmp/mae_to_moco_p
   python main.py --config=configs/mae_to_moco.py --workdir=gs://BUCKET/mae_to_moco \
     --config.teachers.mae.checkpoint=ckpt/mae_l16 --config.student.checkpoint=ckpt/mocov3_b16 \
     --config.data.data_dir=gs://BUCKET/tfds
@@ -20,5 +22,5 @@ def get_config(arg: str | None = None):
   if args.runlocal:  # the shipped tiny MAE teacher and MoCo v3 student (random: teacher=random)
     c.teachers.mae.update(variant='mu/4', checkpoint=common.shipped(args.teacher, 'mae_mu'))
     c.student.checkpoint = common.shipped(args.student, 'mocov3_mu')
-  common.moma_recipe(c, args, runlocal_default='paper')
+  common.moma_recipe(c, args, runlocal_default='small')
   return c
