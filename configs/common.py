@@ -231,6 +231,7 @@ def moma_config(name: str, args: ml_collections.ConfigDict) -> ml_collections.Co
   c.evaluators = dict(knn=knn_evaluator(**BASELINES, teachers=True))
   if args.get('runlocal'):
     runlocal(c)
+  moma_recipe(c, args)
   return c
 
 
@@ -275,13 +276,10 @@ def runlocal(c: ml_collections.ConfigDict) -> None:
   c.evaluators.knn.batch_size = 256
 
 
-def moma_recipe(
-  c: ml_collections.ConfigDict, args: ml_collections.ConfigDict, runlocal_default: str
-) -> None:
-  """The MOMA configs' ``recipe`` argument: 'paper' (the paper's loss; always the full-size
-  default) or, with runlocal, 'small' (:func:`small_scale_recipe`); ``runlocal_default`` is the
-  runlocal recipe when none is given."""
-  recipe = args.recipe or (runlocal_default if args.runlocal else 'paper')
+def moma_recipe(c: ml_collections.ConfigDict, args: ml_collections.ConfigDict) -> None:
+  """The MOMA configs' ``recipe`` argument: 'paper' (the paper's loss; the full-size default) or,
+  with runlocal, 'small' (:func:`small_scale_recipe`; the runlocal default)."""
+  recipe = args.recipe or ('small' if args.runlocal else 'paper')
   if recipe not in ('paper', 'small') or (recipe == 'small' and not args.runlocal):
     raise ValueError(
       f"recipe={args.recipe!r}: 'paper' (the default at full scale) or, with runlocal, 'small'"

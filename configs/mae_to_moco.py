@@ -22,5 +22,4 @@ def get_config(arg: str | None = None):
   if args.runlocal:  # the shipped tiny MAE teacher and MoCo v3 student (random: teacher=random)
     c.teachers.mae.update(variant='mu/4', checkpoint=common.shipped(args.teacher, 'mae_mu'))
     c.student.checkpoint = common.shipped(args.student, 'mocov3_mu')
-  common.moma_recipe(c, args, runlocal_default='small')
   return c

@@ -26,5 +26,4 @@ def get_config(arg: str | None = None):
   if args.runlocal:  # the shipped tiny MoCo v3 teacher and MAE student (random: teacher=random)
     c.teachers.moco.update(variant='mu/4', checkpoint=common.shipped(args.teacher, 'mocov3_mu'))
     c.student.checkpoint = common.shipped(args.student, 'mae_mu')
-  common.moma_recipe(c, args, runlocal_default='small')
   return c

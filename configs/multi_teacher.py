@@ -29,5 +29,4 @@ def get_config(arg: str | None = None):
     c.student.variant = 'mu/4'
     c.teachers.mae.update(variant='mu/4', checkpoint=common.shipped(args.mae, 'mae_mu'))
     c.teachers.moco.update(variant='mu/4', checkpoint=common.shipped(args.moco, 'mocov3_mu'))
-  common.moma_recipe(c, args, runlocal_default='small')
   return c
