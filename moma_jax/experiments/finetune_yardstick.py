@@ -20,11 +20,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import time
 
 from moma_jax import hardware, storage
-from moma_jax.experiments import teachers
+from moma_jax.experiments import small_scale, teachers
 
 INITS = ('scratch', 'before', 'after')
 LABELS = {
@@ -74,13 +73,9 @@ def report(results: dict, env: dict) -> str:
     per = results.get(init, {})
     if not per:
       continue
-    vals = [100 * per[s]['top1'] for s in sorted(per)]
-    mean = f'{statistics.mean(vals):.1f}' + (
-      f' ± {statistics.stdev(vals):.1f}' if len(vals) > 1 else ''
-    )
-    lines.append(
-      f'| {LABELS[init]} | {len(vals)} | {mean} | {", ".join(f"{v:.1f}" for v in vals)} |'
-    )
+    vals = [per[s]['top1'] for s in sorted(per)]
+    each = ', '.join(f'{100 * v:.1f}' for v in vals)
+    lines.append(f'| {LABELS[init]} | {len(vals)} | {small_scale.summary(vals)} | {each} |')
   return '\n'.join(lines) + '\n'
 
 
