@@ -193,7 +193,7 @@ def test_plan_prints_a_table_writes_json_and_nothing_else(tmp_path):
   for key in ('flops_per_step', 'hbm_bytes_per_chip', 'hbm_capacity_bytes', 'fits',
               'roofline_step_seconds', 'images_per_second', 'mfu_bound'):  # fmt: skip
     assert key in p, key
-  assert p['fits'] is True and p['per_chip_batch'] == 8 and p['total_steps'] == 300
+  assert p['fits'] is True and p['per_chip_batch'] == 8 and p['total_steps'] == 600
   assert p['steps_per_epoch'] == 5748 // 64  # the embedded digits' train split, metadata only
   assert sorted(os.listdir(tmp_path)) == ['plan.json']
   # Where the HBM traffic goes, by JAX source (named scopes of the objective and the augmentation).

@@ -45,6 +45,7 @@ SKIPPED = {
   'pip install': 'installation',
   'python -m pytest': 'the test suite itself',
   'python -m moma_jax.experiments.small_scale': '20 minutes; a CI-sized run is in tests/test_experiments.py',
+  'python -m moma_jax.experiments.finetune_yardstick': '30 minutes; its resume and report are tested in tests/test_experiments.py',
   'python -m moma_jax.experiments.teachers': '15 minutes; the shipped files are checked in tests/test_experiments.py',
   'python benchmarks/': 'benchmarks (timings, minutes to hours); not tests',
   'python scripts/fault_injection.py': 'minutes; a CI-sized run is in tests/test_reliability.py',
