@@ -9,6 +9,11 @@ from configs import common
 # small programs); steps run about as fast and compute the same numbers.
 FAST_COMPILE = '--xla_backend_optimization_level=1'
 
+# The tests of machinery (resume, checkpoints, signals, progress) run MoCo -> MAE with the paper's
+# loss: its 10% of visible patches make a step about half the small-scale recipe's, and what they
+# test does not depend on the loss.
+M2M_PAPER = 'moco_to_mae:recipe=paper'
+
 
 def runlocal_config(name: str, steps: int, checkpoint_every: int, log_every: int, **overrides):
   """configs/<name>.py:runlocal, ``steps`` long, no final k-NN; overrides like 'moma.mask_ratio'."""

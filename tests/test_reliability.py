@@ -17,7 +17,7 @@ import pytest
 from moma_jax import checkpointing, train
 from moma_jax.models import pretrained, vit
 
-from runlocal_helpers import FAST_COMPILE, runlocal_config
+from runlocal_helpers import FAST_COMPILE, M2M_PAPER, runlocal_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, 'scripts'))
@@ -26,9 +26,7 @@ sys.path.insert(0, os.path.join(ROOT, 'scripts'))
 def _config(**overrides):
   steps = overrides.pop('num_train_steps', 40)
   checkpoint_every = overrides.pop('checkpoint_every', 10)
-  # The paper's loss: 10% of the patches make a step half the small-scale recipe's; what is tested
-  # here (checkpoints, signals, resumption) does not depend on the loss.
-  return runlocal_config('moco_to_mae:recipe=paper', steps, checkpoint_every, 5, **overrides)
+  return runlocal_config(M2M_PAPER, steps, checkpoint_every, 5, **overrides)
 
 
 def test_fault_injection_kills_and_resumes_bit_identical(tmp_path):

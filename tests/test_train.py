@@ -12,17 +12,13 @@ import sys
 import numpy as np
 import pytest
 
+from configs import shipped
 from moma_jax import train
 from moma_jax.models.pretrained import load_pretrained
 
-from runlocal_helpers import FAST_COMPILE, runlocal_config
+from runlocal_helpers import FAST_COMPILE, M2M_PAPER, runlocal_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-# Machinery tests (resume, progress): the paper's loss, whose 10% of patches make a step half the
-# small-scale recipe's; the loss does not matter to them.
-M2M_PAPER = 'moco_to_mae:recipe=paper'
 
 
 def _config(name: str, **overrides):
@@ -154,7 +150,7 @@ def test_main_runlocal_end_to_end(tmp_path):
 
   outside = {
     'model': outside_eval.evaluate(str(tmp_path / 'export' / 'model.pth')),
-    'model_before': outside_eval.evaluate(os.path.join(ROOT, 'teachers', 'mae_mu4_digits.pth')),
+    'model_before': outside_eval.evaluate(shipped.path('mae_mu')),
   }
   for name, (knn, linear) in outside.items():
     assert abs(knn - 100 * final[f'knn/{name}/top1']) <= 1.0, (name, knn, block)
