@@ -18,7 +18,7 @@ import json
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import flax
@@ -542,11 +542,15 @@ def _largest_pow2(n: int) -> int:
 
 
 def train_and_evaluate(
-  config: ml_collections.ConfigDict, workdir: storage.PathLike, dry_run: bool = False
+  config: ml_collections.ConfigDict,
+  workdir: storage.PathLike,
+  dry_run: bool = False,
+  devices: Sequence[jax.Device] | None = None,
 ) -> dict[str, float]:
   """Runs (or resumes) the configured training in ``workdir`` (a local path or gs://...);
   returns the final metrics. ``dry_run``: stop after step 1 below (dataset opened, checkpoints
-  loaded, model, optimizer and evaluators built), having written nothing; returns the plan."""
+  loaded, model, optimizer and evaluators built), having written nothing; returns the plan.
+  ``devices``: the devices the mesh spans (default: all of them, every process's)."""
   workdir = storage.resolve(workdir)
   # 1. Everything cheap and checkable first.
   if storage.is_remote(workdir):
@@ -578,7 +582,7 @@ def train_and_evaluate(
     opened.append(src)
     return src.total_examples, src.num_classes
 
-  setup = build_setup(config, jax.devices(), open_train_split)
+  setup = build_setup(config, jax.devices() if devices is None else devices, open_train_split)
   mesh, data_axes, objective, notes = setup.mesh, setup.data_axes, setup.objective, setup.notes
   total_steps, steps_per_epoch = setup.total_steps, setup.steps_per_epoch
   evaluations = [] if unprepared else make_evaluations(config, objective, mesh, data_axes)
@@ -664,7 +668,7 @@ def _train(config, workdir, setup: Setup, train_src, evaluations: list[Evaluatio
   train_step = setup.train_step(config, state_sharding)
   check = (lambda *_: None) if config.skip_nonfinite else _check_finite
   flops_per_step = objective.flops_per_example() * config.batch_size
-  peak = hardware.peak_flops(jax.devices()[0].device_kind)
+  peak = hardware.peak_flops(mesh.devices.flat[0].device_kind)
   report = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer)
 
   data_index = start_index
@@ -717,7 +721,7 @@ def _train(config, workdir, setup: Setup, train_src, evaluations: list[Evaluatio
         scalars = {k: float(v) for k, v in m.items()}
         scalars['images_per_sec'] = steps_since_log * config.batch_size / dt
         if peak:
-          scalars['mfu'] = flops_per_step * steps_since_log / dt / (peak * jax.device_count())
+          scalars['mfu'] = flops_per_step * steps_since_log / dt / (peak * mesh.size)
         writer.write_scalars(step, scalars)
         history.append({'step': step, **scalars})
         t_log, steps_since_log = time.perf_counter(), 0

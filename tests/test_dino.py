@@ -366,14 +366,12 @@ def test_trainer_logs_the_entropies_and_warns_once_when_the_teacher_collapses(tm
   step lines carry both entropies and one warning names the step (issue 32)."""
   import logging
 
-  from moma_jax import train
-
-  from runlocal_helpers import runlocal_config
+  from runlocal_helpers import runlocal_config, train_one_device
 
   c = runlocal_config('dino_pretrain', 4, 1000, 2)
   c.dino.update(teacher_temp=100.0, warmup_teacher_temp=100.0)
   with caplog.at_level(logging.INFO):
-    train.train_and_evaluate(c, str(tmp_path))
+    train_one_device(c, str(tmp_path))
   steps = [r.getMessage() for r in caplog.records if r.getMessage().startswith('step ')]
   assert any('H_entropy' in m and 'H_batch_entropy' in m for m in steps), steps
   warnings = [m for m in steps if 'collapsed' in m]

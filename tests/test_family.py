@@ -22,7 +22,7 @@ from moma_jax.objectives.mae import Mae, mae_decoder_for, masked_mean, pixel_tar
 from moma_jax.objectives.mocov3 import MocoV3, infonce
 from moma_jax.objectives.rc_mae import RcMae
 
-from runlocal_helpers import runlocal_config
+from runlocal_helpers import runlocal_config, train_one_device
 
 
 def _vit(variant='mu/4'):
@@ -185,7 +185,7 @@ def test_runlocal_learns(tmp_path, name):
     # digits_m: its photo backgrounds make instances easy to tell apart, so 60 steps of the
     # instance task show a clear drop (on the runlocal digits: 3.46 -> 3.26, chance 3.31).
     config.data.name = 'digits_m'
-  train.train_and_evaluate(config, str(tmp_path))
+  train_one_device(config, str(tmp_path))
   hist = json.load(open(tmp_path / 'final_metrics.json'))['history']
   first, last = hist[0]['loss'], np.mean([h['loss'] for h in hist[-2:]])
   if name == 'mocov3_pretrain':
@@ -202,7 +202,7 @@ def test_runlocal_learns(tmp_path, name):
   ('mocov3_pretrain', {'projector', 'predictor', 'momentum_encoder', 'momentum_projector'}),
 ])  # fmt: skip
 def test_export_converts_back_to_identical_params(tmp_path, name, components):
-  train.train_and_evaluate(_config(name, steps=5), str(tmp_path / 'run'))
+  train_one_device(_config(name, steps=5), str(tmp_path / 'run'))
   exported = load_pretrained(str(tmp_path / 'run' / 'export' / 'model'))
   assert set(exported.heads) == components
   back_dir = str(tmp_path / 'back')

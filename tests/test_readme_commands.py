@@ -199,7 +199,9 @@ def _run(
 
 
 def _commands(kind: str) -> list[str]:
-  return [c for c in readme_commands() if _skip_reason(c) is None and _kind(c) == kind]
+  """The README's commands of this kind, each once (a command the pages repeat runs once)."""
+  cmds = [c for c in readme_commands() if _skip_reason(c) is None and _kind(c) == kind]
+  return list(dict.fromkeys(cmds))
 
 
 @pytest.fixture(scope='module')

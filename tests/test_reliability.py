@@ -17,7 +17,7 @@ import pytest
 from moma_jax import checkpointing, train
 from moma_jax.models import pretrained, vit
 
-from runlocal_helpers import FAST_COMPILE, M2M_PAPER, runlocal_config
+from runlocal_helpers import FAST_COMPILE, M2M_PAPER, runlocal_config, train_one_device
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, 'scripts'))
@@ -55,7 +55,7 @@ def test_sigterm_saves_at_the_current_step(tmp_path):
 
   train.Preemption.reached = reached
   try:
-    out = train.train_and_evaluate(c, str(tmp_path))
+    out = train_one_device(c, str(tmp_path))
   finally:
     train.Preemption.reached = original
   assert out == {'step': 37, 'preempted': True}
@@ -95,7 +95,7 @@ def test_sigterm_while_waiting_for_data_saves_and_returns(tmp_path, monkeypatch)
   threading.Thread(
     target=lambda: stalled.wait(300) and os.kill(os.getpid(), signal.SIGTERM), daemon=True
   ).start()
-  out = train.train_and_evaluate(_config(num_train_steps=50, checkpoint_every=1000), str(tmp_path))
+  out = train_one_device(_config(num_train_steps=50, checkpoint_every=1000), str(tmp_path))
   assert out['preempted'] and 1 <= out['step'] <= 3, out
   assert checkpointing.Checkpointer(str(tmp_path / 'checkpoints')).latest_step() == out['step']
 
@@ -123,12 +123,12 @@ def test_sigterm_during_compilation_saves_after_the_first_step(tmp_path, monkeyp
   monkeypatch.setattr(train, 'jit_train_step', signalled_during_compile)
   # A mask ratio no other test uses: a program not in the run's compilation cache (conftest.py).
   c = _config(num_train_steps=20, checkpoint_every=1000, **{'moma.mask_ratio': 0.8125})
-  out = train.train_and_evaluate(c, str(tmp_path))
+  out = train_one_device(c, str(tmp_path))
   assert out == {'step': 1, 'preempted': True}
   assert checkpointing.Checkpointer(str(tmp_path / 'checkpoints')).latest_step() == 1
   monkeypatch.setattr(train, 'jit_train_step', real)
   c.num_train_steps = 20
-  assert train.train_and_evaluate(c, str(tmp_path))['step'] == 20
+  assert train_one_device(c, str(tmp_path))['step'] == 20
 
 
 def test_non_finite_loss_stops_with_the_step_and_never_checkpoints_it(tmp_path):
@@ -137,7 +137,7 @@ def test_non_finite_loss_stops_with_the_step_and_never_checkpoints_it(tmp_path):
   with pytest.raises(
     train.NonFiniteError, match=r'non-finite (loss|grad_norm|param_norm) .* at step \d+'
   ):
-    train.train_and_evaluate(c, str(tmp_path))
+    train_one_device(c, str(tmp_path))
   ckpt = checkpointing.Checkpointer(str(tmp_path / 'checkpoints'))
   for step in ckpt._manager.all_steps():
     import orbax.checkpoint as ocp
@@ -151,20 +151,20 @@ def test_non_finite_loss_stops_with_the_step_and_never_checkpoints_it(tmp_path):
 def test_skip_nonfinite_counts_and_continues(tmp_path):
   c = _config(skip_nonfinite=True)
   c.optim.base_lr = 1e38
-  out = train.train_and_evaluate(c, str(tmp_path))
+  out = train_one_device(c, str(tmp_path))
   assert out['step'] == 40 and out['skipped_steps'] > 0
   exported = pretrained.load_pretrained(str(tmp_path / 'export' / 'model')).params
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(exported))
 
 
 def test_refuses_to_resume_a_different_experiment(tmp_path):
-  train.train_and_evaluate(_config(stop_at_step=10), str(tmp_path))
+  train_one_device(_config(stop_at_step=10), str(tmp_path))
   with pytest.raises(ValueError, match=r'different experiment .*moma\.mask_ratio: 0\.9 -> 0\.75'):
-    train.train_and_evaluate(_config(**{'moma.mask_ratio': 0.75}), str(tmp_path))
-  out = train.train_and_evaluate(_config(num_train_steps=20), str(tmp_path))  # length may change
+    train_one_device(_config(**{'moma.mask_ratio': 0.75}), str(tmp_path))
+  out = train_one_device(_config(num_train_steps=20), str(tmp_path))  # length may change
   assert out['step'] == 20
   forced = _config(**{'moma.mask_ratio': 0.75, 'num_train_steps': 30, 'force_resume': True})
-  assert train.train_and_evaluate(forced, str(tmp_path))['step'] == 30
+  assert train_one_device(forced, str(tmp_path))['step'] == 30
 
 
 @pytest.fixture()

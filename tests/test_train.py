@@ -16,7 +16,7 @@ from configs import shipped
 from moma_jax import train
 from moma_jax.models.pretrained import load_pretrained
 
-from runlocal_helpers import FAST_COMPILE, M2M_PAPER, runlocal_config
+from runlocal_helpers import FAST_COMPILE, M2M_PAPER, runlocal_config, train_one_device
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -32,7 +32,7 @@ def _history(workdir):
 
 @pytest.mark.parametrize('name', ['moco_to_mae', 'mae_to_moco', 'multi_teacher'])
 def test_each_setting_reduces_the_loss(tmp_path, name):
-  train.train_and_evaluate(_config(name), str(tmp_path))
+  train_one_device(_config(name), str(tmp_path))
   hist = _history(tmp_path)
   first, last = hist[0]['loss'], np.mean([h['loss'] for h in hist[-2:]])
   assert last < 0.7 * first, (first, last)
@@ -43,6 +43,7 @@ def test_each_setting_reduces_the_loss(tmp_path, name):
 
 
 def test_resume_matches_uninterrupted(tmp_path):
+  # All 8 fake devices: the trainer's sharded save and restore end to end.
   full, parts = tmp_path / 'full', tmp_path / 'parts'
   train.train_and_evaluate(_config(M2M_PAPER, num_train_steps=40), str(full))
   out = train.train_and_evaluate(
@@ -81,7 +82,7 @@ def test_pretrained_teacher_and_student_from_converted_dirs(tmp_path):
   c = _config(M2M_PAPER, num_train_steps=20)
   c.teachers.moco.checkpoint = dirs['teacher']
   c.student.checkpoint = dirs['student']
-  train.train_and_evaluate(c, str(tmp_path / 'run'))
+  train_one_device(c, str(tmp_path / 'run'))
   before = load_pretrained(dirs['student']).params
   after = load_pretrained(str(tmp_path / 'run' / 'export' / 'model')).params
   diff = jax.tree.map(

@@ -37,7 +37,7 @@ from moma_jax.data import augment, sources
 from moma_jax.data.augment import ViewSpec
 from moma_jax.data.photometric import AUG_SEED
 from moma_jax.data.sources import HostSplit
-from moma_jax.data.tf_quiet import tf
+from moma_jax.data.tf_quiet import graph_fn, tf
 
 AUTOTUNE = tf.data.AUTOTUNE
 MAX_UNREADABLE_IN_A_ROW = 100  # consecutive unreadable training examples that stop the run
@@ -183,9 +183,9 @@ def train_iterator(
 
   def stream(start: int, stop: int = 2**62) -> tf.data.Dataset:
     ds = tf.data.Dataset.range(start, stop).batch(sources.LOOKUP_BLOCK)
-    ds = ds.map(fetch, num_parallel_calls=AUTOTUNE).unbatch()
+    ds = ds.map(graph_fn(fetch), num_parallel_calls=AUTOTUNE).unbatch()
     # An unreadable image (or a failed block read) drops its example(s); _Counting counts them.
-    return ds.map(make, num_parallel_calls=AUTOTUNE).ignore_errors()
+    return ds.map(graph_fn(make), num_parallel_calls=AUTOTUNE).ignore_errors()
 
   def describe(position: int) -> str:
     i = int(record_index(tf.constant([position], tf.int64), **locate)[0])
@@ -231,7 +231,8 @@ def eval_iterator(
     out = augment.make_views(ex['image'], tf.constant([0, 0], tf.int64), views)
     return {**out, 'label': tf.cast(ex['label'], tf.int32), 'mask': True, 'index': index}
 
-  ds = source.dataset.enumerate().map(make, num_parallel_calls=AUTOTUNE).ignore_errors()
+  ds = source.dataset.enumerate().map(graph_fn(make), num_parallel_calls=AUTOTUNE)
+  ds = ds.ignore_errors()
   pad = {
     **{k: tf.zeros([v.size, v.size, 3], tf.uint8) for k, v in views.items()},
     'label': tf.constant(0, tf.int32),

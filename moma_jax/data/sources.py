@@ -38,7 +38,7 @@ from collections.abc import Callable
 import numpy as np
 
 from moma_jax.data.embedded import NAMES as EMBEDDED
-from moma_jax.data.tf_quiet import tf
+from moma_jax.data.tf_quiet import graph_fn, tf
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp')
 
@@ -109,8 +109,8 @@ LOOKUP_BLOCK = 32  # indices fetched per lookup call
 def _part(indices: tf.data.Dataset, lookup: Lookup, load: Load = _identity) -> tf.data.Dataset:
   """The examples at ``indices``, in order, fetched in blocks and loaded in parallel."""
   par = dict(num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  ds = indices.batch(LOOKUP_BLOCK).map(lookup, **par).unbatch()
-  return ds.map(load, **par)
+  ds = indices.batch(LOOKUP_BLOCK).map(graph_fn(lookup), **par).unbatch()
+  return ds.map(graph_fn(load), **par)
 
 
 def _gather(columns: dict[str, np.ndarray]) -> Lookup:
@@ -280,7 +280,7 @@ def _tfds(
     decoders={'image': tfds.decode.SkipDecoding()},
     read_config=tfds.ReadConfig(add_tfds_id=False),
   )
-  ds = ds.map(lambda ex: {'image': ex['image'], 'label': ex['label']})
+  ds = ds.map(graph_fn(lambda ex: {'image': ex['image'], 'label': ex['label']}))
   why = (
     f'{name} in {builder.data_dir} is stored as TFRecord, which training cannot read in random '
     'order; add ArrayRecord files beside it once (pip install apache-beam, then tfds '
