@@ -15,13 +15,20 @@ os.environ.setdefault(
 )
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 # The same runlocal programs are compiled by dozens of tests and their subprocesses (which inherit
-# this environment): one compilation cache for the run, shared by the xdist workers, saves ~10 s
-# per repeat. Only speed depends on it; a fresh directory per run (xdist's run id).
+# this environment): one compilation cache for the run, shared by the xdist workers. Only speed
+# depends on it; a fresh directory per run (xdist's run id). Every program is cached, however
+# quick to compile: a runlocal process compiles ~40 small ones (evaluators, eager ops), and a
+# repeated 2-step run with its final evaluation took 42 s caching those over 0.5 s, 32 s caching all.
 _run = os.environ.get('PYTEST_XDIST_TESTRUNUID', str(os.getpid()))
 os.environ.setdefault(
   'JAX_COMPILATION_CACHE_DIR', os.path.join(tempfile.gettempdir(), f'moma_jax_xla_cache_{_run}')
 )
-os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.5')
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
+# The embedded datasets' disk cache (moma_jax/data/embedded.py: 2.5 s of drawing per process), also
+# per run: the suite draws them once and writes nothing to the home directory.
+os.environ.setdefault(
+  'MOMA_JAX_CACHE', os.path.join(tempfile.gettempdir(), f'moma_jax_data_cache_{_run}')
+)
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402

@@ -86,8 +86,11 @@ def test_embedded_datasets_are_deterministic_with_the_measured_pixel_baseline(na
   xte, yte = embedded.load('test', name)
   assert xtr.shape == (5748, 32, 32, 3) and xte.shape == (720, 32, 32, 3)
   assert xtr.dtype == np.uint8 and set(np.unique(ytr)) == set(range(10))
-  embedded.load.cache_clear()
+  embedded.load.cache_clear()  # the second load reads the disk cache the first one wrote
   np.testing.assert_array_equal(embedded.load('test', name)[0], xte)
+  fresh, labels = embedded.render('test', name)  # drawn anew: the cache holds the same images
+  np.testing.assert_array_equal(fresh, xte)
+  np.testing.assert_array_equal(labels, yte)
   knn = KNeighborsClassifier(n_neighbors=20, metric='cosine').fit(xtr.reshape(len(xtr), -1), ytr)
   acc = (knn.predict(xte.reshape(len(xte), -1)) == yte).mean()
   assert lo < acc < hi, acc
