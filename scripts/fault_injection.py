@@ -29,7 +29,9 @@ def _command(workdir: str, steps: int, checkpoint_every: int) -> list[str]:
     # depend on the loss.
     sys.executable, 'main.py', '--config=configs/moco_to_mae.py:runlocal,recipe=paper', f'--workdir={workdir}',
     f'--config.num_train_steps={steps}', f'--config.checkpoint_every={checkpoint_every}',
-    '--config.evaluators.knn.at_end=False', '--config.log_every=10',
+    # No k-NN before or after: what is compared is the parameters.
+    '--config.evaluators.knn.before=False', '--config.evaluators.knn.at_end=False',
+    '--config.log_every=10',
   ]  # fmt: skip
 
 
