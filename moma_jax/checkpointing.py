@@ -11,6 +11,7 @@ every checkpoint holds only what training changes (student, projectors, optimize
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import orbax.checkpoint as ocp
@@ -32,6 +33,7 @@ class Checkpointer:
       ),
     )
     self._submitted: int | None = None
+    _drop_closed_loop_callbacks()  # before any save: the tracebacks come before orbax's error
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -108,3 +110,22 @@ class Checkpointer:
 
   def close(self) -> None:
     self._manager.close()
+
+
+def _drop_closed_loop_callbacks() -> None:
+  """After a failed save, tensorstore's threads finish the save's other writes and hand each result
+  to the asyncio loop that orbax has already closed: each hand-over raises 'Event loop is closed',
+  which tensorstore reports as unraisable (PyErr_WriteUnraisable, hence sys.unraisablehook): 200
+  tracebacks for one full disk, which once split the run's one-line error. They say nothing that
+  error does not, so this hook drops exactly those and passes everything else on."""
+  previous = sys.unraisablehook
+  if getattr(previous, '_drops_closed_loop', False):
+    return
+
+  def hook(unraisable):
+    if unraisable.exc_type is RuntimeError and str(unraisable.exc_value) == 'Event loop is closed':
+      return
+    previous(unraisable)
+
+  hook._drops_closed_loop = True  # type: ignore[attr-defined]
+  sys.unraisablehook = hook
