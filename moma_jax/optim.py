@@ -1,5 +1,9 @@
-"""Optimizers and schedules (optax): AdamW with warm-up + cosine, the MAE weight-decay rule,
-frozen parameters, gradient clipping, and layer-wise learning-rate decay."""
+"""Optimizers and schedules, all optax: torch's AdamW and SGD update rules with constant or scheduled
+lr and weight decay (:func:`update_rule`), parameter groups by path (:func:`by_path`), the MAE
+weight-decay rule, frozen parameters, per-tensor gradient clipping, and layer-wise lr decay.
+
+The MAE-family objectives build theirs with :func:`adamw` (train.make_optimizer); DINO and MOKD
+compose the same pieces with their own schedules and groups (objectives/dino.py: dino_optimizer)."""
 
 from __future__ import annotations
 
@@ -8,7 +12,10 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
+
+Schedule = Callable[[Any], Any] | float
 
 NO_DECAY = re.compile(r'(^|/)(pos_embed|cls_token|mask_token|decoder_pos_embed)$')
 
@@ -78,12 +85,9 @@ def adamw(
   """
 
   def chain(lr):
-    parts = [optax.scale_by_adam(b1=b1, b2=b2)]
-    parts.append(optax.add_decayed_weights(weight_decay, mask=decay_mask))
-    if lr_scale is not None:
-      parts.append(_scale_by_tree(lr_scale))
-    parts.append(optax.scale_by_learning_rate(lr))
-    return optax.chain(*parts)
+    return update_rule(
+      'adamw', lr, weight_decay, decay_mask=decay_mask, b1=b1, b2=b2, lr_scale=lr_scale
+    )
 
   if not frozen and not groups:
     return chain(schedule)
@@ -95,7 +99,63 @@ def adamw(
 
   transforms = {'rest': chain(schedule), 'frozen': optax.set_to_zero()}
   transforms.update({f'group_{i}': chain(lr) for i, (_, lr) in enumerate(groups)})
+  return by_path(transforms, label)
+
+
+def update_rule(
+  kind: str,
+  lr: Schedule,
+  weight_decay: Schedule,
+  *,
+  decay_mask: Callable[[Any], Any] | None = None,
+  b1: float = 0.9,
+  b2: float = 0.999,
+  eps: float = 1e-8,
+  momentum: float = 0.9,
+  lr_scale: Callable[[Any], Any] | None = None,
+) -> optax.GradientTransformation:
+  """torch's update rules in optax; ``lr`` and ``weight_decay`` are constants or schedules of the
+  step (the transformation's own update count).
+
+  'adamw': optax's AdamW, p -= lr * (adam(g) + wd * p) (decoupled decay, as torch.optim.AdamW);
+  'sgd': torch SGD with momentum and coupled decay, buf = momentum * buf + g + wd * p; p -= lr * buf.
+  ``decay_mask``: params -> tree of bools, which parameters decay. ``lr_scale``: params -> tree of
+  per-parameter lr multipliers (layer decay).
+  """
+  if callable(weight_decay):  # a schedule: optax's add_decayed_weights takes a number only
+    decay = optax.inject_hyperparams(optax.add_decayed_weights, static_args=('mask',))(
+      weight_decay=weight_decay, mask=decay_mask
+    )
+  else:
+    decay = optax.add_decayed_weights(weight_decay, mask=decay_mask)
+  if kind == 'adamw':
+    parts = [optax.scale_by_adam(b1=b1, b2=b2, eps=eps), decay]
+  elif kind == 'sgd':
+    parts = [decay, optax.trace(decay=momentum)]
+  else:
+    raise ValueError(f"update rule must be 'adamw' or 'sgd', not {kind!r}")
+  if lr_scale is not None:
+    parts.append(_scale_by_tree(lr_scale))
+  parts.append(optax.scale_by_learning_rate(lr))
+  return optax.chain(*parts)
+
+
+def by_path(
+  transforms: dict[str, optax.GradientTransformation], label: Callable[[str], str]
+) -> optax.GradientTransformation:
+  """optax.multi_transform with each parameter labelled from its path ('model/blocks_3/...')."""
   return optax.multi_transform(transforms, lambda params: jax.tree.map(label, tree_paths(params)))
+
+
+def clip_per_tensor(max_norm: float) -> optax.GradientTransformation:
+  """Each parameter's gradient scaled to L2 norm <= max_norm, DINO's ``clip_gradients`` (optax
+  clips by the global norm or by block RMS, not by each tensor's norm)."""
+
+  def clip(g):
+    norm = jnp.sqrt(jnp.sum(jnp.square(g.astype(jnp.float32))))
+    return (g * jnp.minimum(1.0, max_norm / (norm + 1e-6))).astype(g.dtype)
+
+  return optax.stateless(lambda updates, params=None: jax.tree.map(clip, updates))
 
 
 def held_schedule(

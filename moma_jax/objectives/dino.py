@@ -26,20 +26,20 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from moma_jax import ema, flops
+from moma_jax import ema, flops, optim
 from moma_jax.models import resnet
 from moma_jax.models.heads import DinoHead, resample_pos_grid
 from moma_jax.models.pretrained import IMAGENET, Normalization
 from moma_jax.models.vit import ViT
 from moma_jax.objectives import Objective
-from moma_jax.optim import tree_paths
+from moma_jax.optim import path_str
 
 Array = jax.Array
 
@@ -171,13 +171,6 @@ def collapse_metrics(teacher: Array, center: Array, teacher_temp: Array) -> dict
 # --- the optimizer ---------------------------------------------------------------------------------
 
 
-class DinoOptState(NamedTuple):
-  count: Array  # global step (schedules, last-layer freezing)
-  mu: Any  # Adam first moment / SGD momentum buffer
-  nu: Any  # Adam second moment (None for SGD)
-  n: Any  # per-parameter Adam step counts (a parameter skipped has its own count, as torch's)
-
-
 def decays(path: str, leaf: Any) -> bool:
   """DINO's ``get_params_groups``: decay everything but biases and 1-D parameters."""
   return not path.endswith('bias') and np.ndim(leaf) > 1
@@ -198,7 +191,8 @@ def dino_optimizer(
   momentum: float = 0.9,
   decay_all: Callable[[str], bool] | None = None,
 ) -> optax.GradientTransformation:
-  """torch AdamW / SGD (momentum, coupled weight decay) as DINO steps them.
+  """torch AdamW / SGD (momentum, coupled weight decay) as DINO steps them, composed in optax from
+  moma_jax.optim's pieces.
 
   Args:
     kind: 'adamw' or 'sgd'.
@@ -206,88 +200,68 @@ def dino_optimizer(
     group: parameter path -> group name (needed with dict schedules).
     clip: > 0 scales each parameter's gradient to norm <= clip (DINO's per-tensor clipping).
     freeze_last_layer_steps: parameters whose path contains 'last_layer' get no update (and no
-      optimizer-state change) while step < this.
+      optimizer-state change, so their Adam bias correction starts later, as torch's per-parameter
+      step) while step < this.
     frozen: regex over parameter paths never updated (``norm_last_layer``'s weight_g).
     decay_all: path -> True for parameters decayed even if 1-D / biases (MOKD's search-head
       group, which the official code puts in a group with weight decay on every parameter).
   """
   if kind not in ('adamw', 'sgd'):
     raise ValueError(f"optimizer must be 'adamw' or 'sgd', not {kind!r}")
+  grouped = isinstance(lr, dict)
   frozen_re = re.compile(frozen) if frozen else None
+  hold = freeze_last_layer_steps
 
-  def pick(sched, path):
-    if isinstance(sched, dict):
-      return sched[group(path)]
-    return sched
-
-  def init(params):
-    zeros = jax.tree.map(jnp.zeros_like, params)
-    if kind == 'sgd':
-      return DinoOptState(jnp.zeros((), jnp.int32), zeros, None, None)
-    counts = jax.tree.map(lambda _: jnp.zeros((), jnp.int32), params)
-    return DinoOptState(
-      jnp.zeros((), jnp.int32), zeros, jax.tree.map(jnp.zeros_like, params), counts
+  def decay_mask(params):
+    return jax.tree_util.tree_map_with_path(
+      lambda p, x: decays(path_str(p), x) or bool(decay_all and decay_all(path_str(p))), params
     )
 
-  def update(grads, state, params=None):
-    if params is None:
-      raise ValueError('dino_optimizer needs the parameters (weight decay)')
-    t = state.count
-    paths = tree_paths(grads)
-    treedef = jax.tree.structure(grads)
-    flat = lambda tree: treedef.flatten_up_to(tree)  # noqa: E731
-    g_l, p_l, path_l, mu_l = flat(grads), flat(params), flat(paths), flat(state.mu)
-    nu_l = flat(state.nu) if kind == 'adamw' else [None] * len(g_l)
-    n_l = flat(state.n) if kind == 'adamw' else [None] * len(g_l)
-    out_u, out_mu, out_nu, out_n = [], [], [], []
-    for g, p, path, mu, nu, n in zip(g_l, p_l, path_l, mu_l, nu_l, n_l, strict=True):
-      g = g.astype(jnp.float32)
-      if clip > 0:
-        norm = jnp.sqrt(jnp.sum(g * g))
-        g = g * jnp.minimum(1.0, clip / (norm + 1e-6))
-      active = jnp.bool_(not (frozen_re and frozen_re.search(path)))
-      if 'last_layer' in path and freeze_last_layer_steps > 0:
-        active = active & (t >= freeze_last_layer_steps)
-      step_lr = pick(lr, path)(t)
-      wd = (
-        pick(weight_decay, path)(t) if (decays(path, p) or (decay_all and decay_all(path))) else 0.0
+  def rule(name: str, shift: int) -> optax.GradientTransformation:
+    # A held group's update count starts at step ``shift``: its schedules are read from there.
+    at = lambda s: (lambda c: s(c + shift)) if shift else s  # noqa: E731
+    pick = lambda s: s[name] if grouped else s  # noqa: E731
+    return optim.update_rule(
+      kind, at(pick(lr)), at(pick(weight_decay)), decay_mask=decay_mask, b1=b1, b2=b2, eps=eps,
+      momentum=momentum,
+    )  # fmt: skip
+
+  transforms = {'frozen': optax.set_to_zero()}
+  for name in sorted(lr) if grouped else ['all']:
+    transforms[name] = rule(name, 0)
+    if hold > 0:  # DINO's cancel_gradients_last_layer: no update, no state change
+      transforms[f'{name}/last_layer'] = optax.transforms.conditionally_mask(
+        rule(name, hold), lambda count: count >= hold
       )
-      if kind == 'adamw':
-        mu_new = b1 * mu + (1 - b1) * g
-        nu_new = b2 * nu + (1 - b2) * g * g
-        n_new = n + 1
-        m_hat = mu_new / (1 - b1 ** n_new.astype(jnp.float32))
-        v_hat = nu_new / (1 - b2 ** n_new.astype(jnp.float32))
-        u = -step_lr * (m_hat / (jnp.sqrt(v_hat) + eps) + wd * p)
-        out_nu.append(jnp.where(active, nu_new, nu))
-        out_n.append(jnp.where(active, n_new, n))
-      else:  # torch SGD: d = g + wd * p; buf = momentum * buf + d; p -= lr * buf
-        mu_new = momentum * mu + g + wd * p
-        u = -step_lr * mu_new
-      out_mu.append(jnp.where(active, mu_new, mu))
-      out_u.append(jnp.where(active, u, 0.0).astype(p.dtype))
-    unflat = lambda leaves: jax.tree.unflatten(treedef, leaves)  # noqa: E731
-    new = DinoOptState(
-      t + 1,
-      unflat(out_mu),
-      unflat(out_nu) if kind == 'adamw' else None,
-      unflat(out_n) if kind == 'adamw' else None,
-    )
-    return unflat(out_u), new
 
-  return optax.GradientTransformation(init, update)
+  def label(path: str) -> str:
+    if frozen_re and frozen_re.search(path):
+      return 'frozen'
+    name = group(path) if grouped else 'all'
+    return f'{name}/last_layer' if hold > 0 and 'last_layer' in path else name
+
+  tx = optim.by_path(transforms, label)
+  return optax.chain(optim.clip_per_tensor(clip), tx) if clip > 0 else tx
 
 
-def optimizer_from_config(o, batch_size: int, total_steps: int, steps_per_epoch: int, **kw):
-  """(tx, lr schedule, peak lr) from a config.optim of the DINO kind: name, base_lr (per 256
-  images), min_lr, warmup_epochs, weight_decay -> weight_decay_end, grad_clip,
-  freeze_last_layer (epochs), b1, b2."""
+def schedules(o, batch_size: int, total_steps: int, steps_per_epoch: int):
+  """(lr schedule, weight-decay schedule, peak lr) from a config.optim of the DINO kind: base_lr
+  (per 256 images), min_lr, warmup_epochs (or warmup_steps), weight_decay -> weight_decay_end."""
   peak = o.base_lr * batch_size / 256
   warmup = o.warmup_steps or int(o.warmup_epochs * steps_per_epoch)
   lr = cosine_schedule(peak, o.min_lr, total_steps, warmup)
   wd = cosine_schedule(o.weight_decay, o.get('weight_decay_end', o.weight_decay), total_steps)
+  return lr, wd, peak
+
+
+def optimizer_from_config(o, batch_size: int, total_steps: int, steps_per_epoch: int, **kw):
+  """(tx, lr schedule, peak lr) from a config.optim of the DINO kind (:func:`schedules`, and
+  name, grad_clip, freeze_last_layer in epochs, b1, b2, momentum). ``kw`` goes to
+  :func:`dino_optimizer`, and may replace the schedules by dicts of them per parameter group."""
+  lr, wd, peak = schedules(o, batch_size, total_steps, steps_per_epoch)
+  kw = {'lr': lr, 'weight_decay': wd, **kw}
   tx = dino_optimizer(
-    o.name, lr, wd, clip=o.grad_clip, b1=o.b1, b2=o.b2,
+    o.name, clip=o.grad_clip, b1=o.b1, b2=o.b2, momentum=o.get('momentum', 0.9),
     freeze_last_layer_steps=int(o.get('freeze_last_layer', 0) * steps_per_epoch), **kw,
   )  # fmt: skip
   return tx, lr, peak

@@ -322,36 +322,22 @@ class Mokd(Objective):
   def make_optimizer(self, config, total_steps: int, steps_per_epoch: int):
     """optax multi_transform over {'cnn': SGD, 'vit': AdamW}, each with its own schedules."""
     oc, ov = config.optim_cnn, config.optim_vit
-    b = config.batch_size
-
-    def schedules(o):
-      peak = o.base_lr * b / 256
-      warmup = o.warmup_steps or int(o.warmup_epochs * steps_per_epoch)
-      lr = dino.cosine_schedule(peak, o.min_lr, total_steps, warmup)
-      wd = dino.cosine_schedule(o.weight_decay, o.weight_decay_end, total_steps)
-      return lr, wd, peak
-
-    lr_c, wd_c, _ = schedules(oc)
-    lr_v, wd_v, peak_v = schedules(ov)
-    frozen = self.frozen_pattern
-    freeze = lambda o: int(o.freeze_last_layer * steps_per_epoch)  # noqa: E731
-    search_vit = self.cnn_search_schedule == 'vit'
+    steps = (config.batch_size, total_steps, steps_per_epoch)
     if self.cnn_search_schedule not in ('vit', 'cnn'):
       raise ValueError(
         f"cnn_search_schedule must be 'vit' or 'cnn', not {self.cnn_search_schedule!r}"
       )
-    cnn_tx = dino.dino_optimizer(
-      oc.name, {'main': lr_c, 'search': lr_v if search_vit else lr_c},
-      {'main': wd_c, 'search': wd_v if search_vit else wd_c},
+    search_vit = self.cnn_search_schedule == 'vit'
+    lr_c, wd_c, _ = dino.schedules(oc, *steps)
+    lr_v, wd_v, peak_v = dino.schedules(ov, *steps)
+    cnn_tx, _, _ = dino.optimizer_from_config(
+      oc, *steps, lr={'main': lr_c, 'search': lr_v if search_vit else lr_c},
+      weight_decay={'main': wd_c, 'search': wd_v if search_vit else wd_c},
       group=lambda p: 'search' if p.startswith('cnn/search/') else 'main',
       decay_all=(lambda p: p.startswith('cnn/search/')) if search_vit else None,
-      clip=oc.grad_clip, freeze_last_layer_steps=freeze(oc), momentum=oc.get('momentum', 0.9),
-      frozen=frozen, b1=oc.b1, b2=oc.b2,
+      frozen=self.frozen_pattern,
     )  # fmt: skip
-    vit_tx = dino.dino_optimizer(
-      ov.name, lr_v, wd_v, clip=ov.grad_clip, freeze_last_layer_steps=freeze(ov),
-      frozen=frozen, b1=ov.b1, b2=ov.b2,
-    )  # fmt: skip
+    vit_tx, _, _ = dino.optimizer_from_config(ov, *steps, frozen=self.frozen_pattern)
     # Inside multi_transform each optimizer sees the whole tree with the other model's leaves
     # masked out, so parameter paths keep their 'cnn/' / 'vit/' prefixes.
     labels = lambda params: {k: jax.tree.map(lambda _, k=k: k, v) for k, v in params.items()}  # noqa: E731
