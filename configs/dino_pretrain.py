@@ -41,7 +41,7 @@ def dino_settings(**overrides):
   d = dict(
     out_dim=65536, hidden_dim=2048, bottleneck_dim=256, head_layers=3, norm_last_layer=True,
     num_local=8, student_temp=0.1, teacher_temp=0.07, warmup_teacher_temp=0.04,
-    warmup_teacher_temp_epochs=30, center_momentum=0.9, momentum=0.996,
+    warmup_teacher_temp_epochs=30, center_momentum=0.9, momentum=0.996, centering='center',
   )  # fmt: skip
   d.update(overrides)
   return d

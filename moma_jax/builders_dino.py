@@ -100,7 +100,7 @@ def build_dino(
     num_local=d.num_local, student_temp=d.student_temp, teacher_temp=d.teacher_temp,
     warmup_teacher_temp=d.warmup_teacher_temp,
     warmup_teacher_temp_epochs=d.warmup_teacher_temp_epochs,
-    center_momentum=d.center_momentum, base_momentum=d.momentum,
+    center_momentum=d.center_momentum, centering=d.centering, base_momentum=d.momentum,
     norm_last_layer=d.norm_last_layer, global_size=g_size, local_size=l_size or g_size,
     input_norm=norm,
   )  # fmt: skip

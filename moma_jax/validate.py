@@ -399,6 +399,8 @@ def _check_multicrop(c: ml_collections.ConfigDict, section: str) -> None:
     _positive(s, key, 'must be > 0 (a softmax temperature)', prefix=f'{section}.')
   for key in ('momentum', 'center_momentum'):
     _between(s, f'{section}.', key, 0.0, 1.0, hi_open=False)
+  if s.get('centering', 'center') not in ('center', 'sinkhorn'):
+    _fail(f'{section}.centering', s.centering, "'center' (DINO) or 'sinkhorn' (DINOv2)")
   if s.num_local < 0:
     _fail(f'{section}.num_local', s.num_local, 'must be >= 0 (local crops per image)')
   views = dict(c.data.views)

@@ -13,7 +13,7 @@ import torch
 
 from configs import common, dino_pretrain, moco_to_mae
 from convert.convert import convert_checkpoint, export_checkpoint
-from moma_jax import builders, ema
+from moma_jax import builders, ema, validate
 from moma_jax.models import heads, resnet, vit
 from moma_jax.models.pretrained import load_pretrained
 from moma_jax.objectives import dino, registry
@@ -36,6 +36,27 @@ def test_dino_loss_and_center_match_torch_over_epochs():
     loss, center = dino.dino_loss(jnp.split(s, ncrops), jnp.split(t, 2), center, temp)
     np.testing.assert_allclose(float(loss), expected, rtol=1e-5)
     np.testing.assert_allclose(center, loss_fn.center.numpy(), rtol=1e-5, atol=1e-7)
+
+
+def test_sinkhorn_centering_matches_dinov2():
+  """centering='sinkhorn': DINOv2's Sinkhorn-Knopp teacher targets, and the loss built on them."""
+  k, b, ncrops, temp = 32, 4, 6, 0.07
+  rng = np.random.RandomState(1)
+  s = rng.randn(ncrops * b, k).astype(np.float32) * 3
+  t = rng.randn(2 * b, k).astype(np.float32) * 0.3  # cosine-like logits, as the head's
+  q = tr.sinkhorn_knopp_teacher(torch.from_numpy(t), temp).numpy()
+  np.testing.assert_allclose(dino.sinkhorn_knopp(jnp.asarray(t), temp), q, rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(q.sum(1), 1.0, rtol=1e-5)  # each image a distribution
+  center = jnp.full((1, k), 5.0)  # not read by Sinkhorn-Knopp
+  loss, _ = dino.dino_loss(jnp.split(s, ncrops), jnp.split(t, 2), center, temp,
+                           centering='sinkhorn')  # fmt: skip
+  logp = torch.log_softmax(torch.from_numpy(s) / 0.1, dim=-1).chunk(ncrops)
+  qs = torch.from_numpy(q).chunk(2)
+  pairs = [(iq, v) for iq in range(2) for v in range(ncrops) if v != iq]
+  expected = sum(float(torch.sum(-qs[iq] * logp[v], dim=-1).mean()) for iq, v in pairs)
+  np.testing.assert_allclose(float(loss), expected / len(pairs), rtol=1e-5)
+  with pytest.raises(ValueError, match='centering must be one of'):
+    dino.dino_loss(jnp.split(s, ncrops), jnp.split(t, 2), center, temp, centering='sk')
 
 
 def test_schedules_match_dino_cosine_scheduler():
@@ -292,6 +313,11 @@ def test_dino_vit_checkpoint_converts_and_serves_as_moma_teacher(tmp_path):
 
 def test_bad_inputs_fail_in_one_line_before_compiling(tmp_path):
   c = dino_pretrain.get_config('runlocal')
+  c.dino.centering = 'sk'
+  with pytest.raises(validate.ConfigError, match=r"^dino.centering='sk': 'center' \(DINO\) or"):
+    validate.validate(c, None)
+  c.dino.centering = 'sinkhorn'
+  validate.validate(c, None)
   views = c.data.views
   views.local2.size = 12
   with pytest.raises(ValueError, match=r'mismatched local crop sizes'):

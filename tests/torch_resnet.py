@@ -174,6 +174,24 @@ class DINOLoss(nn.Module):
     return total_loss
 
 
+@torch.no_grad()
+def sinkhorn_knopp_teacher(teacher_output, teacher_temp, n_iterations=3):
+  """DINOv2's DINOLoss.sinkhorn_knopp_teacher (dinov2/loss/dino_clstoken_loss.py), one process
+  (its all-reduces are the identity)."""
+  teacher_output = teacher_output.float()
+  Q = torch.exp(teacher_output / teacher_temp).t()  # noqa: N806  (DINOv2's names)
+  B = Q.shape[1]  # noqa: N806
+  K = Q.shape[0]  # noqa: N806
+  Q /= torch.sum(Q)
+  for _ in range(n_iterations):
+    Q /= torch.sum(Q, dim=1, keepdim=True)
+    Q /= K
+    Q /= torch.sum(Q, dim=0, keepdim=True)
+    Q /= B
+  Q *= B
+  return Q.t()
+
+
 def ct_search_loss(student, teacher, temp, student_temp=0.1):
   """MOKD's CTSearchLoss."""
   t = F.softmax(teacher / temp, dim=-1)

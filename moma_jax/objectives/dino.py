@@ -129,6 +129,37 @@ def collapse_warning(
   )
 
 
+def sinkhorn_knopp(logits: Array, teacher_temp: Array, iterations: int = 3) -> Array:
+  """DINOv2's teacher centering (``sinkhorn_knopp_teacher``): exp(logits / T) normalised
+  alternately so that every prototype gets 1/K of the batch's mass and every image 1/B, then
+  rows scaled to sum to 1. logits [B, K] over the global batch (jit's global arrays; DINOv2
+  all-reduces the same sums); returns [B, K] probabilities."""
+  b, k = logits.shape
+  z = logits / teacher_temp
+  q = jnp.exp(z - jnp.max(z)).T  # [K, B]; the max cancels in the normalisations
+  q = q / jnp.sum(q)
+  for _ in range(iterations):
+    q = q / jnp.sum(q, axis=1, keepdims=True) / k
+    q = q / jnp.sum(q, axis=0, keepdims=True) / b
+  return (q * b).T
+
+
+CENTERINGS = ('center', 'sinkhorn')
+
+
+def teacher_probs(
+  teacher: Array, center: Array, teacher_temp: Array, centering: str = 'center'
+) -> Array:
+  """The teacher's targets [B, K] from its logits: DINO's softmax((t - center) / T) or DINOv2's
+  Sinkhorn-Knopp (which needs no center)."""
+  t = jax.lax.stop_gradient(teacher.astype(jnp.float32))
+  if centering == 'sinkhorn':
+    return sinkhorn_knopp(t, teacher_temp)
+  if centering != 'center':
+    raise ValueError(f'centering must be one of {CENTERINGS}, not {centering!r}')
+  return jax.nn.softmax((t - center) / teacher_temp, axis=-1)
+
+
 def dino_loss(
   student: Sequence[Array],
   teacher: Sequence[Array],
@@ -136,21 +167,24 @@ def dino_loss(
   teacher_temp: Array,
   student_temp: float = 0.1,
   center_momentum: float = 0.9,
+  centering: str = 'center',
 ) -> tuple[Array, Array]:
   """DINOLoss: (loss, new center). student: n_crops [B, K]; teacher: 2 [B, K] logits; center [1, K].
 
-  Teacher probabilities are centred, sharpened and detached; the new center is
-  ``m * center + (1 - m) * mean(teacher logits over the global batch and both views)``.
+  Teacher probabilities are centred, sharpened and detached (:func:`teacher_probs`); the new
+  center is ``m * center + (1 - m) * mean(teacher logits over the global batch and both views)``
+  (kept with Sinkhorn-Knopp too, which does not read it).
   """
   t = jax.lax.stop_gradient(jnp.concatenate(teacher).astype(jnp.float32))
-  probs = jax.nn.softmax((t - center) / teacher_temp, axis=-1)
-  probs = jnp.split(probs, len(teacher))
+  probs = jnp.split(teacher_probs(t, center, teacher_temp, centering), len(teacher))
   loss = dino_cross_entropy(student, probs, student_temp)
   new_center = center * center_momentum + t.mean(axis=0, keepdims=True) * (1 - center_momentum)
   return loss, new_center
 
 
-def collapse_metrics(teacher: Array, center: Array, teacher_temp: Array) -> dict[str, Array]:
+def collapse_metrics(
+  teacher: Array, center: Array, teacher_temp: Array, centering: str = 'center'
+) -> dict[str, Array]:
   """The DINO paper's two collapse signals (its Fig. 7), from the teacher logits [B, K] of a step.
 
   'teacher_entropy': mean entropy of one image's centred, sharpened teacher output (ln K: every
@@ -158,12 +192,10 @@ def collapse_metrics(teacher: Array, center: Array, teacher_temp: Array) -> dict
   every image gets the same prototype). A healthy run keeps the first well below ln K and the
   second near it.
   """
-  t = jax.lax.stop_gradient(teacher.astype(jnp.float32))
-  logp = jax.nn.log_softmax((t - center) / teacher_temp, axis=-1)
-  p = jnp.exp(logp)
+  p = teacher_probs(teacher, center, teacher_temp, centering)
   mean_p = p.mean(0)
   return {
-    'teacher_entropy': -jnp.sum(p * logp, axis=-1).mean(),
+    'teacher_entropy': -jnp.sum(p * jnp.log(p + 1e-30), axis=-1).mean(),
     'teacher_batch_entropy': -jnp.sum(mean_p * jnp.log(mean_p + 1e-12)),
   }
 
@@ -390,6 +422,7 @@ class Dino(Objective):
   warmup_teacher_temp: float = 0.04
   warmup_teacher_temp_epochs: int = 30
   center_momentum: float = 0.9
+  centering: str = 'center'  # or 'sinkhorn' (DINOv2's teacher centering)
   base_momentum: float = 0.996
   norm_last_layer: bool = True
   global_size: int = 224
@@ -469,12 +502,12 @@ class Dino(Objective):
     temp = self.temperature(step)
     loss, new['center'] = dino_loss(
       s_views, jnp.split(t_out, 2), extra['center'], temp, self.student_temp,
-      self.center_momentum,
+      self.center_momentum, self.centering,
     )  # fmt: skip
     if 'student_bn' in extra:
       new['student_bn'], new['teacher_bn'] = s_bn, jax.lax.stop_gradient(t_bn)
     metrics = {'loss': loss, 'momentum': m, 'teacher_temp': temp}
-    metrics.update(collapse_metrics(t_out, extra['center'], temp))
+    metrics.update(collapse_metrics(t_out, extra['center'], temp, self.centering))
     return loss, (metrics, new)
 
   progress_metrics = (
