@@ -316,8 +316,12 @@ def test_bad_inputs_fail_in_one_line_before_compiling(tmp_path):
   c.dino.centering = 'sk'
   with pytest.raises(validate.ConfigError, match=r"^dino.centering='sk': 'center' \(DINO\) or"):
     validate.validate(c, None)
+  with pytest.raises(ValueError, match=r"^recipe='sinkhorn': 'dino' \(the default\) or, with runl"):
+    dino_pretrain.get_config('recipe=sinkhorn')  # a runlocal recipe only
+  sk = dino_pretrain.get_config('runlocal,recipe=sinkhorn')
+  validate.validate(sk, None)
+  assert sk.dino.centering == 'sinkhorn' and sorted(sk.data.views) == ['global1', 'global2']
   c.dino.centering = 'sinkhorn'
-  validate.validate(c, None)
   views = c.data.views
   views.local2.size = 12
   with pytest.raises(ValueError, match=r'mismatched local crop sizes'):
