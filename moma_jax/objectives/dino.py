@@ -238,8 +238,6 @@ def dino_optimizer(
     decay_all: path -> True for parameters decayed even if 1-D / biases (MOKD's search-head
       group, which the official code puts in a group with weight decay on every parameter).
   """
-  if kind not in ('adamw', 'sgd'):
-    raise ValueError(f"optimizer must be 'adamw' or 'sgd', not {kind!r}")
   grouped = isinstance(lr, dict)
   frozen_re = re.compile(frozen) if frozen else None
   hold = freeze_last_layer_steps
