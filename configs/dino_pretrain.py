@@ -116,11 +116,13 @@ def runlocal(c, arch: str) -> None:
   c.evaluators.knn.batch_size = 256
 
 
-def sinkhorn_recipe(c) -> None:
+def sinkhorn_recipe(c, section: str = 'dino') -> None:
   """The runlocal recipe whose teacher does not collapse on digits (issue 32, docs/results.md):
   DINOv2's Sinkhorn-Knopp targets instead of the EMA center, a sharper teacher (0.02 constant),
-  no local crops (a 16 px crop of a 32 px digit is mostly background), 15x the budget."""
-  c.dino.update(centering='sinkhorn', teacher_temp=0.02, warmup_teacher_temp=0.02, num_local=0)
+  no local crops (a 16 px crop of a 32 px digit is mostly background), 15x the budget.
+  ``section``: 'dino', or 'mokd' (configs/mokd.py, both models' DINO terms)."""
+  s = c[section]
+  s.update(centering='sinkhorn', teacher_temp=0.02, warmup_teacher_temp=0.02, num_local=0)
   c.data.views = {k: v for k, v in c.data.views.items() if k.startswith('global')}
   c.num_train_steps = 4500
   c.log_every = 250

@@ -14,17 +14,25 @@ CNN head with a normalised last layer, ViT head without; teacher temperature 0.0
 lambda_c 1.0, lambda_t 0.1; 2 global crops 224 px (scale 0.25-1), 8 local 96 px (0.05-0.25).
 k-NN of both teachers (ViT: knn/model, CNN: knn/teacher_cnn) next to the raw-pixel floor.
 runlocal: digits, 2 x 32 px + 4 x 16 px crops, ResNet resnet_mu + ViT mu/4, 256 prototypes,
-search heads 64 wide with 1 block, 300 steps.
+search heads 64 wide with 1 block, 300 steps. ``runlocal,recipe=sinkhorn``: DINO's small-scale
+recipe that does not collapse (configs/dino_pretrain.py) applied to every DINO term: Sinkhorn-Knopp
+targets, teacher 0.02, the two global crops only (so no cross-attention query terms), 4,500 steps.
 """
 
 from configs import common
-from configs.dino_pretrain import multicrop_views
+from configs.dino_pretrain import multicrop_views, sinkhorn_recipe
 
 
 def get_config(arg: str | None = None):
   args = common.parse_arg(
-    arg, runlocal=False, cnn='resnet50', vit='S/16', cnn_checkpoint='', vit_checkpoint=''
-  )
+    arg, runlocal=False, cnn='resnet50', vit='S/16', cnn_checkpoint='', vit_checkpoint='',
+    recipe='',
+  )  # fmt: skip
+  if args.recipe not in ('', 'mokd') and not (args.recipe == 'sinkhorn' and args.runlocal):
+    raise ValueError(
+      f"recipe={args.recipe!r}: 'mokd' (the default) or, with runlocal, 'sinkhorn' "
+      '(configs/dino_pretrain.py, docs/results.md)'
+    )
   c = common.base_config('mokd')
   c.objective = 'mokd'
   c.batch_size = 256
@@ -37,7 +45,7 @@ def get_config(arg: str | None = None):
     out_dim=65536, hidden_dim=2048, bottleneck_dim=256, head_layers=3, num_local=8,
     student_temp=0.1, teacher_temp=0.07, warmup_teacher_temp=0.04,
     warmup_teacher_temp_epochs_cnn=50, warmup_teacher_temp_epochs_vit=30, center_momentum=0.9,
-    momentum=0.996, lambda_c=1.0, lambda_t=0.1, search_depth=3, search_heads=6,
+    centering='center', momentum=0.996, lambda_c=1.0, lambda_t=0.1, search_depth=3, search_heads=6,
     search_mlp_ratio=4,
     cnn_norm_last_layer=True,  # official code: True for the CNN, False for the ViT, whatever the
     vit_norm_last_layer=False,  # --norm_last_layer flag says
@@ -55,6 +63,8 @@ def get_config(arg: str | None = None):
   c.evaluators = dict(knn=common.knn_evaluator(raw_pixels=True))
   if args.runlocal:
     runlocal(c, args)
+    if args.recipe == 'sinkhorn':
+      sinkhorn_recipe(c, 'mokd')
   return c
 
 

@@ -104,8 +104,8 @@ def build_dino(
     norm_last_layer=d.norm_last_layer, global_size=g_size, local_size=l_size or g_size,
     input_norm=norm,
   )  # fmt: skip
-  return objective, {}, start, [note, f'dino: {len(g_names)} x {g_size}px + {len(l_names)} x '
-                                f'{l_size}px crops, {d.out_dim} prototypes']  # fmt: skip
+  crops = dino_lib.crops_note(len(g_names), g_size, len(l_names), l_size)
+  return objective, {}, start, [note, f'dino: {crops}, {d.out_dim} prototypes']
 
 
 def build_mokd(
@@ -151,7 +151,8 @@ def build_mokd(
     warmup_teacher_temp=k.warmup_teacher_temp,
     warmup_teacher_temp_epochs_cnn=k.warmup_teacher_temp_epochs_cnn,
     warmup_teacher_temp_epochs_vit=k.warmup_teacher_temp_epochs_vit,
-    center_momentum=k.center_momentum, base_momentum=k.momentum, lambda_c=k.lambda_c,
+    center_momentum=k.center_momentum, centering=k.centering, base_momentum=k.momentum,
+    lambda_c=k.lambda_c,
     lambda_t=k.lambda_t, cnn_norm_last_layer=k.cnn_norm_last_layer,
     vit_norm_last_layer=k.vit_norm_last_layer, cnn_search_schedule=k.cnn_search_schedule,
     global_size=g_size, local_size=l_size or g_size, cnn_input_norm=cnn_norm,
@@ -160,5 +161,9 @@ def build_mokd(
   start = None
   if cnn_start is not None or vit_start is not None:
     start = {'cnn': cnn_start, 'vit': vit_start}
-  notes = [cnn_note, vit_note, f'mokd: {len(g_names)} x {g_size}px + {len(l_names)} x {l_size}px']
+  notes = [
+    cnn_note,
+    vit_note,
+    f'mokd: {dino_lib.crops_note(len(g_names), g_size, len(l_names), l_size)}',
+  ]
   return objective, {}, start, notes

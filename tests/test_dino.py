@@ -57,6 +57,18 @@ def test_sinkhorn_centering_matches_dinov2():
   np.testing.assert_allclose(float(loss), expected / len(pairs), rtol=1e-5)
   with pytest.raises(ValueError, match='centering must be one of'):
     dino.dino_loss(jnp.split(s, ncrops), jnp.split(t, 2), center, temp, centering='sk')
+  # Logits spanning 400 T (a MOKD search head at T 0.02): DINOv2's float32 exp underflows for
+  # whole prototypes (0 / 0); the log-domain version matches the same algorithm in float64.
+  wide = (rng.randn(2 * b, k) * 3).astype(np.float32)
+  q64 = np.exp(wide.astype(np.float64) / 0.02).T
+  q64 /= q64.sum()
+  for _ in range(3):
+    q64 = q64 / q64.sum(1, keepdims=True) / k
+    q64 = q64 / q64.sum(0, keepdims=True) / (2 * b)
+  with np.errstate(invalid='ignore'):
+    assert np.isnan(tr.sinkhorn_knopp_teacher(torch.from_numpy(wide), 0.02).numpy()).any()
+  np.testing.assert_allclose(dino.sinkhorn_knopp(jnp.asarray(wide), 0.02), (q64 * 2 * b).T,
+                             rtol=1e-4, atol=1e-30)  # fmt: skip
 
 
 def test_schedules_match_dino_cosine_scheduler():

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from configs import mokd as mokd_config
+from moma_jax import validate
 from moma_jax.models import heads, resnet, vit
 from moma_jax.objectives import dino, mokd, registry
 
@@ -167,6 +168,42 @@ def test_full_mokd_loss_matches_torch_official_formula():
     np.testing.assert_allclose(mine_bn[k], v, rtol=1e-5, atol=1e-6, err_msg=k)
 
 
+def test_sinkhorn_centering_reaches_every_dino_term():
+  """centering='sinkhorn' (the runlocal recipe): each of MOKD's six DINO terms is DINOv2's
+  Sinkhorn-Knopp loss (PyTorch) on its teacher; the entropies read the same targets."""
+  k, b, temp = 16, 4, 0.02
+  rng = np.random.RandomState(3)
+  out = lambda n: rng.randn(n * b, k).astype(np.float32) * 0.3  # noqa: E731
+  s_cnn, s_vit = {'head': out(2), 'search': out(2)}, {'head': out(2), 'search': out(2)}
+  t_cnn, t_vit = {'head': out(2), 'search': out(2)}, {'head': out(2), 'search': out(2)}
+  centers = {c: jnp.full((1, k), 9.0) for c in mokd.CENTERS}  # not read by Sinkhorn-Knopp
+  l_cnn, l_vit, _, m = mokd.mokd_losses(
+    s_cnn, s_vit, t_cnn, t_vit, centers, temp, temp, n_crops=2, lambda_c=1.0, lambda_t=0.1,
+    centering='sinkhorn',
+  )  # fmt: skip
+
+  def expected(s, t):  # DINOLoss over 2 global crops with DINOv2's targets
+    q = tr.sinkhorn_knopp_teacher(torch.from_numpy(t), temp).chunk(2)
+    logp = torch.log_softmax(torch.from_numpy(s) / 0.1, dim=-1).chunk(2)
+    return float(sum(torch.sum(-q[i] * logp[1 - i], dim=-1).mean() for i in range(2)) / 2)
+
+  for name, s, t in (
+    ('cnn', s_cnn['head'], t_cnn['head']), ('cnn_search', s_cnn['search'], t_cnn['search']),
+    ('cnn_cross', s_cnn['head'], t_vit['head']), ('vit', s_vit['head'], t_vit['head']),
+    ('vit_search', s_vit['search'], t_vit['search']), ('vit_cross', s_vit['head'], t_cnn['head']),
+  ):  # fmt: skip
+    np.testing.assert_allclose(float(m[f'loss/{name}']), expected(s, t), rtol=1e-5, err_msg=name)
+  assert float(m['loss/cnn_query']) == float(m['loss/vit_query']) == 0.0  # no local crops
+  q = tr.sinkhorn_knopp_teacher(torch.from_numpy(t_vit['head']), temp).numpy()
+  np.testing.assert_allclose(
+    float(m['teacher_entropy/vit']), np.mean(-np.sum(q * np.log(q), axis=-1)), rtol=1e-5
+  )
+  expected_cnn = m['loss/cnn'] + m['loss/cnn_search'] + m['loss/cnn_cross']
+  np.testing.assert_allclose(float(l_cnn), float(expected_cnn), rtol=1e-6)
+  expected_vit = m['loss/vit'] + m['loss/vit_search'] + 0.1 * m['loss/vit_cross']
+  np.testing.assert_allclose(float(l_vit), float(expected_vit), rtol=1e-6)
+
+
 def test_losses_touch_only_their_own_model():
   """L_cnn has no gradient on the ViT's parameters and L_vit none on the CNN's."""
   obj = _objective()
@@ -254,6 +291,17 @@ def test_mokd_config_and_bad_inputs(tmp_path):
   with pytest.raises(ValueError, match='mismatched global crop sizes'):
     registry.build_objective(c, 10, 300)
   assert dino.view_names(2) == (('global1', 'global2'), ('local1', 'local2'))
+  sk = mokd_config.get_config('runlocal,recipe=sinkhorn')
+  validate.validate(sk, None)
+  objective, _, _, _ = registry.build_objective(sk, 10, 4500)
+  assert (objective.centering, objective.num_local, sorted(sk.data.views)) == (
+    'sinkhorn', 0, ['global1', 'global2'],
+  )  # fmt: skip
+  with pytest.raises(ValueError, match=r"^recipe='sinkhorn': 'mokd' \(the default\) or, with ru"):
+    mokd_config.get_config('recipe=sinkhorn')  # a runlocal recipe only
+  sk.mokd.centering = 'sk'
+  with pytest.raises(validate.ConfigError, match=r"^mokd.centering='sk': 'center' \(DINO\) or"):
+    validate.validate(sk, None)
 
 
 def test_mokd_starts_from_a_torchvision_resnet_checkpoint(tmp_path):

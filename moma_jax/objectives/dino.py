@@ -133,15 +133,18 @@ def sinkhorn_knopp(logits: Array, teacher_temp: Array, iterations: int = 3) -> A
   """DINOv2's teacher centering (``sinkhorn_knopp_teacher``): exp(logits / T) normalised
   alternately so that every prototype gets 1/K of the batch's mass and every image 1/B, then
   rows scaled to sum to 1. logits [B, K] over the global batch (jit's global arrays; DINOv2
-  all-reduces the same sums); returns [B, K] probabilities."""
+  all-reduces the same sums); returns [B, K] probabilities.
+
+  Computed in the log domain (the same normalisations as logsumexps): DINOv2's exp underflows
+  to 0 for a whole prototype once a head's logits span more than ~100 T (MOKD's search heads at
+  T 0.02), and its normalisation then divides 0 by 0."""
   b, k = logits.shape
-  z = logits / teacher_temp
-  q = jnp.exp(z - jnp.max(z)).T  # [K, B]; the max cancels in the normalisations
-  q = q / jnp.sum(q)
+  lq = (logits / teacher_temp).T  # [K, B]
+  lq = lq - jax.nn.logsumexp(lq)
   for _ in range(iterations):
-    q = q / jnp.sum(q, axis=1, keepdims=True) / k
-    q = q / jnp.sum(q, axis=0, keepdims=True) / b
-  return (q * b).T
+    lq = lq - jax.nn.logsumexp(lq, axis=1, keepdims=True) - jnp.log(k)
+    lq = lq - jax.nn.logsumexp(lq, axis=0, keepdims=True) - jnp.log(b)
+  return jnp.exp(lq + jnp.log(b)).T
 
 
 CENTERINGS = ('center', 'sinkhorn')
@@ -392,6 +395,12 @@ def check_multicrop(
         f'{model.image_size}px (data.image_size)'
       )
   return sizes['global'], sizes['local']
+
+
+def crops_note(n_global: int, g_size: int, n_local: int, l_size: int | None) -> str:
+  """'2 x 224px + 8 x 96px crops' (or '2 x 32px crops' without local crops), for the run log."""
+  local = f' + {n_local} x {l_size}px' if n_local else ''
+  return f'{n_global} x {g_size}px{local} crops'
 
 
 def view_names(num_local: int) -> tuple[tuple[str, ...], tuple[str, ...]]:

@@ -68,18 +68,20 @@ def mokd_losses(
   lambda_t: float,
   student_temp: float = 0.1,
   center_momentum: float = 0.9,
+  centering: str = 'center',
 ) -> tuple[Array, Array, dict[str, Array], dict[str, Array]]:
   """The MOKD losses from the models' outputs: (L_cnn, L_vit, new centers, metrics).
 
   Students (all crops, global first, stacked view-major): 'head' [n_crops B, K] and 'search'
   [n_crops B, K] (the search head without a query). Teachers (global crops): 'head' [2B, K],
   'search' [2B, K], and 'query_search' [n_local B, K] (the search head on global view 1 with the
-  *other* student's local-crop feature as query).
+  *other* student's local-crop feature as query). ``centering`` (dino.CENTERINGS) makes the six
+  DINO terms' teacher targets; the two query-search terms have none, as in MOKD.
   """
   split = lambda x, n: jnp.split(x, n)  # noqa: E731
   new, m = {}, {}
   dl = lambda s, t, c, temp: dino.dino_loss(  # noqa: E731
-    split(s, n_crops), split(t, 2), centers[c], temp, student_temp, center_momentum
+    split(s, n_crops), split(t, 2), centers[c], temp, student_temp, center_momentum, centering
   )
   n_local = n_crops - 2
   b = t_cnn['head'].shape[0] // 2
@@ -107,7 +109,7 @@ def mokd_losses(
   l_vit = terms['vit'] + terms['vit_search'] + lambda_t * (terms['vit_cross'] + terms['vit_query'])
   m = {f'loss/{k}': v for k, v in terms.items()}
   for name, t, temp in (('cnn', t_cnn, temp_cnn), ('vit', t_vit, temp_vit)):  # each DINO teacher
-    for k, v in dino.collapse_metrics(t['head'], centers[name], temp).items():
+    for k, v in dino.collapse_metrics(t['head'], centers[name], temp, centering).items():
       m[f'{k}/{name}'] = v
   return l_cnn, l_vit, new, m
 
@@ -137,6 +139,7 @@ class Mokd(Objective):
   warmup_teacher_temp_epochs_cnn: int = 50
   warmup_teacher_temp_epochs_vit: int = 30
   center_momentum: float = 0.9
+  centering: str = 'center'  # or 'sinkhorn' (DINOv2's teacher targets, every DINO term)
   base_momentum: float = 0.996
   lambda_c: float = 1.0
   lambda_t: float = 0.1
@@ -280,6 +283,7 @@ class Mokd(Objective):
       s_cnn, s_vit, t_cnn, t_vit, extra['center'], temp_cnn, temp_vit,
       n_crops=2 + len(l_names), lambda_c=self.lambda_c, lambda_t=self.lambda_t,
       student_temp=self.student_temp, center_momentum=self.center_momentum,
+      centering=self.centering,
     )  # fmt: skip
     new = dict(
       extra, teacher=teachers, cnn_bn=cnn_bn, teacher_cnn_bn=t_cnn_bn, center=centers,
