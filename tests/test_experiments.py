@@ -168,3 +168,26 @@ def test_finetune_yardstick_resumes_reports_and_refuses_bad_paths(tmp_path, caps
   assert 'fine-tune from' not in capsys.readouterr().out  # nothing was trained
   with pytest.raises(SystemExit, match='holds runs of --steps 0, not 5'):
     fy.main(['--workdir', str(tmp_path), '--steps', '5'])
+
+
+def test_mokd_vs_dino_recipes_commands_and_report():
+  """The MOKD-vs-DINO harness runs each config's own recipe (runlocal or runlocal,recipe=sinkhorn)
+  and reports both probes per model against the DINO-alone run's step 0."""
+  from moma_jax.experiments import mokd_vs_dino as mvd
+
+  cmd = mvd.command('mokd', 2, '/w/mokd', 4500, 'sinkhorn')
+  assert cmd[2:] == ['--config=configs/mokd.py:runlocal,recipe=sinkhorn', '--workdir=/w/mokd',
+                     '--config.seed=2']  # fmt: skip
+  assert mvd.command('dino_resnet', 0, '/w', 40, 'sinkhorn')[-2:] == [
+    '--config.num_train_steps=40', '--config.checkpoint_every=40',
+  ]  # fmt: skip
+  run = lambda knn: {'knn': knn, 'loss': 1.0, 'wall_s': 9.0}  # noqa: E731
+  vit = {'knn/model_before/top1': 0.3, 'knn/model_before/linear': 0.4, 'knn/model/top1': 0.5,
+         'knn/model/linear': 0.6}  # fmt: skip
+  mokd = {'knn/model/top1': 0.45, 'knn/model/linear': 0.7, 'knn/teacher_cnn/top1': 0.2}
+  results = {'dino_vit': {'0': run(vit)}, 'mokd': {'0': run(mokd)}}
+  text = mvd.report({'steps': 4500, 'recipe': 'sinkhorn', 'results': results},
+                    {'command': 'c', 'jax': 'j', 'machine': 'm'})  # fmt: skip
+  assert '| ViT mu/4 | k-NN | 30.0 | 50.0 | 45.0 | -5.0 | 1 |' in text
+  assert '| ViT mu/4 | linear | 40.0 | 60.0 | 70.0 | 10.0 | 1 |' in text
+  assert '| ResNet resnet_mu | k-NN | - | - | 20.0 | - | 0 |' in text

@@ -15,9 +15,10 @@ only ``--config.seed`` (and ``--steps``) added (``--recipe sinkhorn`` appends ``
                                                                  knn/teacher_cnn (CNN teacher)
   dino_vit     configs/dino_pretrain.py:runlocal           k-NN: knn/model (ViT mu/4 teacher)
   dino_resnet  configs/dino_pretrain.py:runlocal,arch=resnet_mu    knn/model (ResNet teacher)
-k-NN (k 20, T 0.07, cosine) and the trainer's linear probe of the EMA teachers' own features (ViT: CLS token; ResNet: pooled,
-running BatchNorm statistics; as DINO evaluates, whatever evaluators.knn.features says) on the 720
-test images, the train split as the memory bank, read from each workdir's final_metrics.json; the
+k-NN (k 20, T 0.07, cosine) and the trainer's linear probe of the EMA teachers' own features
+(ViT: CLS token; ResNet: pooled, running BatchNorm statistics; as DINO evaluates, whatever
+evaluators.knn.features says) on the 720 test images, the train split as the memory bank (k-NN)
+or training set (probe), read from each workdir's final_metrics.json; the
 raw-pixel k-NN and chance (10 classes) are the floors. "at init" is the DINO-alone run's teacher at
 step 0 (knn/model_before). One difference the configs keep: DINO alone fixes the ViT head's
 last-layer norm (norm_last_layer=True, DINO's default); MOKD's ViT head does not (the official
