@@ -22,12 +22,20 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Compute dtypes: 'default' is the config's own (pre-training: float32); 'bfloat16' / 'float32' set
 # every model's compute dtype, 'bf16teacher' only the frozen teachers' (MOMA's default is float32
-# throughout). Parameters and optimizer stay float32 throughout.
+# throughout). Parameters and optimizer stay float32 throughout. '+flash': the teachers' attention
+# through the Pallas TPU flash kernel (--config.teacher_attention=flash).
+FLASH = ('--config.teacher_attention=flash',)
 DTYPES = {
   'moma': {
     'bf16teacher': ('--config.teacher_dtype=bfloat16',),
     'bfloat16': ('--config.student.dtype=bfloat16', '--config.teacher_dtype=bfloat16'),
     'float32': ('--config.student.dtype=float32', '--config.teacher_dtype=float32'),
+    'bf16teacher_flash': ('--config.teacher_dtype=bfloat16', *FLASH),
+    'bfloat16_flash': (
+      '--config.student.dtype=bfloat16',
+      '--config.teacher_dtype=bfloat16',
+      *FLASH,
+    ),
   },
   'pretrain': {
     'default': (),
@@ -49,6 +57,12 @@ FIRST = {'moma': 'bf16teacher', 'pretrain': 'default'}  # the rows every config 
 ORDER = [  # most wanted first: a sweep stopped early still answers the main questions
   *[(c, t, FIRST[CONFIGS[c][1]]) for c in CONFIGS for t in TARGETS],
   *[('moco_to_mae', t, d) for d in ('bfloat16', 'float32') for t in TARGETS[:3]],
+  *[
+    (c, t, d)
+    for c in ('moco_to_mae', 'mae_to_moco L->B')
+    for d in ('bf16teacher_flash', 'bfloat16_flash')
+    for t in ('v5litepod-8', 'v5p-8')
+  ],  # issue 28 item 5's cells
   *[(c, t, d) for c in CONFIGS for d in DTYPES[CONFIGS[c][1]] for t in TARGETS],
 ]
 ORDER = list(dict.fromkeys(ORDER))
@@ -96,7 +110,8 @@ def table(out: str) -> str:
     with open(path) as f:
       p = json.load(f)
     dt = {'default': 'default', 'bf16teacher': 'bf16 teacher', 'bfloat16': 'all bf16',
-          'float32': 'all f32'}[dtype]  # fmt: skip
+          'float32': 'all f32', 'bf16teacher_flash': 'bf16 teacher, flash',
+          'bfloat16_flash': 'all bf16, flash'}[dtype]  # fmt: skip
     if 'error' in p:
       need = p['error'].split(': ', 2)[-1].split(';')[0]
       rows.append(f'| {config} | {dt} | {target} | no: {need} | | | | | | | | |')
@@ -119,13 +134,14 @@ def main() -> None:
   ap.add_argument('--out', default=os.path.join(ROOT, 'benchmarks', 'results', 'tpu'))
   ap.add_argument('--table', action='store_true', help='print the markdown table and exit')
   ap.add_argument('--only', nargs='*', help='config names to plan (default: all)')
+  ap.add_argument('--compute', nargs='*', help='compute settings to plan (default: all)')
   a = ap.parse_args()
   if a.table:
     print(table(a.out))
     return
   os.makedirs(a.out, exist_ok=True)
   for config, target, dtype in ORDER:
-    if a.only and config not in a.only:
+    if (a.only and config not in a.only) or (a.compute and dtype not in a.compute):
       continue
     if not os.path.exists(_file(a.out, config, target, dtype)):
       run_one(a.out, config, target, dtype)
