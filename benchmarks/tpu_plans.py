@@ -21,21 +21,23 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Compute dtypes: 'default' is the config's own (pre-training: float32); 'bfloat16' / 'float32' set
-# every model's compute dtype, 'bf16teacher' only the frozen teachers' (MOMA's default is float32
-# throughout). Parameters and optimizer stay float32 throughout. '+flash': the teachers' attention
-# through the Pallas TPU flash kernel (--config.teacher_attention=flash).
-FLASH = ('--config.teacher_attention=flash',)
+# every model's compute dtype, 'bf16teacher' only the frozen teachers'. Parameters and optimizer
+# stay float32 throughout. MOMA's rows name the teachers' attention: XLA's, or '_flash' the Pallas
+# TPU flash kernel; the shipped MOMA default is 'bf16teacher_flash' (a bf16 teacher, and
+# teacher_attention='auto', which is flash on a TPU, with a float32 student).
+XLA, FLASH = ('--config.teacher_attention=xla',), ('--config.teacher_attention=flash',)
 DTYPES = {
   'moma': {
-    'bf16teacher': ('--config.teacher_dtype=bfloat16',),
-    'bfloat16': ('--config.student.dtype=bfloat16', '--config.teacher_dtype=bfloat16'),
-    'float32': ('--config.student.dtype=float32', '--config.teacher_dtype=float32'),
+    'bf16teacher': ('--config.teacher_dtype=bfloat16', *XLA),
+    'bfloat16': ('--config.student.dtype=bfloat16', '--config.teacher_dtype=bfloat16', *XLA),
+    'float32': ('--config.student.dtype=float32', '--config.teacher_dtype=float32', *XLA),
     'bf16teacher_flash': ('--config.teacher_dtype=bfloat16', *FLASH),
     'bfloat16_flash': (
       '--config.student.dtype=bfloat16',
       '--config.teacher_dtype=bfloat16',
       *FLASH,
     ),
+    'float32_flash': ('--config.student.dtype=float32', '--config.teacher_dtype=float32', *FLASH),
   },
   'pretrain': {
     'default': (),
@@ -53,14 +55,15 @@ CONFIGS = {  # name -> (config argument, kind)
 }
 EXTRA = {'mae_to_moco L->B': ('--config.teachers.mae.variant=L/16',)}
 TARGETS = ('v5litepod-8', 'v4-8', 'v5p-8', 'v5litepod-256', 'v5litepod-1')
-FIRST = {'moma': 'bf16teacher', 'pretrain': 'default'}  # the rows every config has
+FIRST = {'moma': 'bf16teacher_flash', 'pretrain': 'default'}  # the rows every config has
 ORDER = [  # most wanted first: a sweep stopped early still answers the main questions
   *[(c, t, FIRST[CONFIGS[c][1]]) for c in CONFIGS for t in TARGETS],
+  *[(c, t, 'bf16teacher') for c in CONFIGS if CONFIGS[c][1] == 'moma' for t in TARGETS],
   *[('moco_to_mae', t, d) for d in ('bfloat16', 'float32') for t in TARGETS[:3]],
   *[
     (c, t, d)
     for c in ('moco_to_mae', 'mae_to_moco L->B')
-    for d in ('bf16teacher_flash', 'bfloat16_flash')
+    for d in ('bf16teacher_flash', 'bfloat16_flash', 'float32_flash')
     for t in ('v5litepod-8', 'v5p-8')
   ],  # issue 28 item 5's cells
   *[(c, t, d) for c in CONFIGS for d in DTYPES[CONFIGS[c][1]] for t in TARGETS],
@@ -102,16 +105,22 @@ def table(out: str) -> str:
     '|---|---|---|---|---|---|---|---|---|---|---|---|',
   ]
   for config, target, dtype in sorted(
-    ORDER, key=lambda k: (list(CONFIGS).index(k[0]), k[2], TARGETS.index(k[1]))
+    ORDER,
+    key=lambda k: (
+      list(CONFIGS).index(k[0]),
+      k[2] != FIRST[CONFIGS[k[0]][1]],
+      k[2],
+      TARGETS.index(k[1]),
+    ),
   ):
     path = _file(out, config, target, dtype)
     if not os.path.exists(path):
       continue
     with open(path) as f:
       p = json.load(f)
-    dt = {'default': 'default', 'bf16teacher': 'bf16 teacher', 'bfloat16': 'all bf16',
-          'float32': 'all f32', 'bf16teacher_flash': 'bf16 teacher, flash',
-          'bfloat16_flash': 'all bf16, flash'}[dtype]  # fmt: skip
+    dt = {'default': 'default', 'bf16teacher': 'bf16 teacher, XLA attn', 'bfloat16': 'all bf16',
+          'float32': 'all f32', 'bf16teacher_flash': 'default: bf16 teacher, flash',
+          'bfloat16_flash': 'all bf16, flash', 'float32_flash': 'all f32, flash'}[dtype]  # fmt: skip
     if 'error' in p:
       need = p['error'].split(': ', 2)[-1].split(';')[0]
       rows.append(f'| {config} | {dt} | {target} | no: {need} | | | | | | | | |')

@@ -202,15 +202,16 @@ def moma_config(name: str, args: ml_collections.ConfigDict) -> ml_collections.Co
     checkpoint='', variant='B/16', dtype='float32', drop_path=0.0, remat='none', **NORM
   )
   c.teachers = ml_collections.ConfigDict()
-  # The frozen teachers' compute dtype. float32: by the plan's cost model (docs/tpu.md) a bf16
-  # teacher neither saves memory nor time on v5e / v4 / v5p (moco_to_mae 295 vs 279 ms on v5e-8),
-  # and at the runlocal scale it leaves the student where float32 does; bfloat16 stays an option
-  # (and the plan's suggestion when a step does not fit) until a TPU run has measured it.
-  c.teacher_dtype = 'float32'
-  # The teachers' attention: 'xla'; 'flash' (TPU: JAX's Pallas flash-attention kernel, which never
-  # writes the [B, H, 197, 197] scores to HBM; 7% less HBM traffic per B/16 step by the plan's cost
-  # model, never run on a TPU yet: docs/tpu.md); 'cudnn' (GPU, bf16 only).
-  c.teacher_attention = 'xla'
+  # The frozen teachers' compute dtype and attention. By the plan's cost model (docs/tpu.md,
+  # "Where the bytes go") bf16 alone saves little (moco_to_mae on a v5e-8: 295 vs 279 ms per step
+  # in f32), but with the flash kernel, which never writes the [B, H, 197, 197] scores to HBM, the
+  # step drops to 218 ms (v5e-8) and 122 ms (v5p-8, MFU bound 83%); L->B becomes compute-bound on
+  # both (MFU bound 91%). At the runlocal scale a bf16 teacher leaves the student where float32
+  # does (runlocal keeps float32: a CPU has no fast bf16). Neither has run on a TPU yet.
+  # teacher_attention: 'auto' (flash on a TPU, else xla), 'xla', 'flash' (TPU: JAX's Pallas
+  # flash-attention kernel), 'cudnn' (GPU, bf16 only).
+  c.teacher_dtype = 'bfloat16'
+  c.teacher_attention = 'auto'
   c.teacher_scan = False  # nn.scan over the teachers' blocks: one compiled block (L/16, H/14)
   c.moma = dict(
     mask_ratio=0.9,
@@ -262,6 +263,7 @@ def runlocal(c: ml_collections.ConfigDict) -> None:
   runlocal_data(c)
   if 'student' in c:
     c.student.variant = 'mu/4'
+  c.teacher_dtype = 'float32'  # a CPU has no fast bf16; every runlocal result is float32
   c.batch_size = 64
   c.num_train_steps = 300
   c.optim.warmup_epochs = 1.0

@@ -165,11 +165,24 @@ def check_size(model: vit.ViT, size: int, what: str) -> None:
     )
 
 
+def teacher_attention(config: ml_collections.ConfigDict, platform: str) -> str:
+  """config.teacher_attention, 'auto' resolved for ``platform`` (the mesh's, the target's in a
+  plan): the Pallas flash kernel on a TPU (by the plan's cost model, with a bf16 teacher, 218 vs
+  295 ms per moco_to_mae step on a v5e-8: docs/tpu.md), XLA's attention elsewhere (cuDNN's is
+  bf16-only and has never run here)."""
+  impl = config.get('teacher_attention', 'xla')
+  if impl == 'auto':
+    return 'flash' if platform == 'tpu' else 'xla'
+  return impl
+
+
 def build_moma(
   config: ml_collections.ConfigDict, sizes: Sizes | None = None, loader: Loader = ARRAYS
 ) -> tuple[Moma, dict[str, Any], Any, list[str]]:
-  """MOMA: the student (random or from a checkpoint) and its frozen teachers (``sizes`` unused)."""
+  """MOMA: the student (random or from a checkpoint) and its frozen teachers (``sizes``: only its
+  platform, for teacher_attention='auto'; None is the CPU)."""
   size = config.data.image_size
+  attention = teacher_attention(config, sizes.platform if sizes else 'cpu')
   notes = []
   sc = config.student
   if sc.checkpoint:
@@ -203,11 +216,13 @@ def build_moma(
         f'teacher {name}: RANDOMLY INITIALISED {tc.variant} (no checkpoint given): this run '
         'exercises the code, it does not distil a real self-supervised teacher'
       )
-    model = model.clone(attention_impl=config.get('teacher_attention', 'xla'))
+    model = model.clone(attention_impl=attention)
     if config.teacher_scan:  # the same weights, stacked for nn.scan (tested equal to the plain ViT)
       model = model.clone(scan_blocks=True)
       frozen[name] = vit.stack_block_params(frozen[name], model.depth)
     teachers[name] = Teacher(model, tc.weight, tc.student_view, source, norm)
+  if attention != 'xla':
+    notes.append(f"teachers' attention: {attention} (teacher_attention={config.teacher_attention})")
   m = config.moma
   objective = Moma(
     student=student,

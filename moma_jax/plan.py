@@ -161,7 +161,8 @@ def _models(objective: Any) -> list[str]:
       )
       remat = f', remat {m.remat}' if getattr(m, 'remat', 'none') != 'none' else ''
       scan = ', scanned' if getattr(m, 'scan_blocks', False) else ''
-      out.append(f'{name} {v} {jax.numpy.dtype(m.dtype).name}{remat}{scan}')
+      flash = ', flash attention' if m.attention_impl == 'flash' else ''
+      out.append(f'{name} {v} {jax.numpy.dtype(m.dtype).name}{remat}{scan}{flash}')
     elif isinstance(m, resnet.ResNet):
       v = resnet.name_variant(m.block, m.stage_sizes, m.width, m.small_stem) or 'ResNet'
       out.append(f'{name} {v} {jax.numpy.dtype(m.dtype).name}')

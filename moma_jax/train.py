@@ -498,7 +498,7 @@ def build_setup(
   steps_per_epoch = max(1, train_examples // config.batch_size)
   total_steps = config.num_train_steps or int(config.num_epochs * steps_per_epoch)
   objective, frozen, start_params, notes = registry.build_objective(
-    config, num_classes, total_steps, steps_per_epoch, loader
+    config, num_classes, total_steps, steps_per_epoch, loader, platform
   )
   missing_views = objective.required_views() - set(views)
   if missing_views:

@@ -304,8 +304,11 @@ def check_moma(c: ml_collections.ConfigDict) -> None:
   if c.student.get('remat', 'none') not in ('none', 'block'):
     _fail('student.remat', c.student.remat, "'none' or 'block'")
   _dtype('teacher_dtype', c.teacher_dtype)
-  if c.get('teacher_attention', 'xla') not in ('xla', 'flash', 'cudnn'):
-    _fail('teacher_attention', c.teacher_attention, "one of 'xla', 'flash' (TPU), 'cudnn' (GPU)")
+  if c.get('teacher_attention', 'xla') not in ('auto', 'xla', 'flash', 'cudnn'):
+    _fail(
+      'teacher_attention', c.teacher_attention,
+      "one of 'auto' (flash on a TPU, else xla), 'xla', 'flash' (TPU), 'cudnn' (GPU)",
+    )  # fmt: skip
   if not c.student.checkpoint:
     _variant('student.variant', c.student.variant)
   for name, t in c.teachers.items():

@@ -111,27 +111,40 @@ def test_batch_spec_is_what_the_pipeline_yields(device_photometric):
   assert {k: (v.shape, v.dtype) for k, v in batch.items()} == spec
 
 
+MOMA = ('moco_to_mae', 'mae_to_moco', 'multi_teacher')
+
+
 def test_shipped_full_configs_fsdp_and_two_slices_compile_and_fit():
   """Each full MOMA config and MAE / MoCo v3 pre-training at the paper's batch (4096) on a
-  v5litepod-8, through the trainer's set-up: fits, batch split, XLA FLOPs = the formula +- 5%.
-  Then moco_to_mae with FSDP, over two slices, and with the teacher's flash attention. One
-  subprocess compiles all eight (the data-parallel moco_to_mae plan serves both parts)."""
-  names = ['moco_to_mae', 'mae_to_moco', 'multi_teacher', 'mae_pretrain', 'mocov3_pretrain']
+  v5litepod-8, through the trainer's set-up: fits, batch split, XLA FLOPs = the formula +- 5%
+  (the MOMA configs' teachers take the flash kernel there: their 197 tokens padded to 256 add
+  work the formula does not count, and XLA's attention stands in for the check). Then moco_to_mae
+  with FSDP and over two slices. One subprocess compiles all eight."""
+  names = [*MOMA, 'mae_pretrain', 'mocov3_pretrain']
   plans = _plans([{'config': n, 'target': 'v5litepod-8'} for n in names] + [
     {'config': 'moco_to_mae', 'target': 'v5litepod-8',
      'overrides': {'mesh': {'data': 1, 'fsdp': -1}}},
     {'config': 'moco_to_mae', 'target': 'v5e:2x2,slices=2'},
     {'config': 'moco_to_mae', 'target': 'v5litepod-8',
-     'overrides': {'mesh': {'data': 2, 'fsdp': -1}, 'teacher_attention': 'flash'}},
+     'overrides': {'mesh': {'data': 2, 'fsdp': -1}, 'teacher_attention': 'xla'}},
   ])  # fmt: skip
-  plans, (fsdp, slices, flash) = plans[: len(names)], plans[len(names) :]
+  plans, (fsdp, slices, xla) = plans[: len(names)], plans[len(names) :]
   for name, p in zip(names, plans, strict=True):
     assert 'error' not in p, (name, p)
     assert p['fits'] and p['hbm_bytes_per_chip'] <= p['hbm_capacity_bytes'] == 15.75 * GiB, name
     assert (p['chips'], p['hosts'], p['global_batch'], p['per_chip_batch']) == (8, 1, 4096, 512)
     assert p['mesh'] == {'data': 8, 'fsdp': 1} and p['device_kind'] == 'TPU v5 lite'
-    assert abs(p['flops_per_step'] / p['formula_flops_per_step'] - 1) < 0.05, (name, p)
+    flops = p['flops_per_step'] / p['formula_flops_per_step']
+    assert 0.95 < flops < (1.15 if name in MOMA else 1.05), (name, p)
     assert 0 < p['mfu_bound'] <= 1 and p['roofline_step_seconds'] > 0
+    # the shipped MOMA configs: a bf16 teacher through the flash kernel on a TPU (teacher_attention
+    # 'auto'), the student in float32
+    if name in MOMA:
+      teachers = [m for m in p['models'] if m.startswith('teacher')]
+      assert teachers and all(m.endswith('bfloat16, flash attention') for m in teachers), p
+      assert any(m.startswith('student') and 'float32' in m for m in p['models']), p
+  assert abs(xla['flops_per_step'] / xla['formula_flops_per_step'] - 1) < 0.05, xla
+  assert not any('flash' in m for m in xla['models']) and xla['mesh'] == {'data': 2, 'fsdp': 4}
   by_name = dict(zip(names, plans, strict=True))
   # The strong view's colour jitter / blur run inside the step on a TPU (data.photometric auto).
   assert by_name['moco_to_mae']['photometric_on_device']
@@ -140,8 +153,8 @@ def test_shipped_full_configs_fsdp_and_two_slices_compile_and_fit():
   assert by_name['moco_to_mae']['total_steps'] == 100 * (1_281_167 // 4096)  # 100 epochs
 
   dp = by_name['moco_to_mae']
-  # The teacher's Pallas flash attention compiles for the TPU, shard_mapped over a mixed mesh.
-  assert flash['mesh'] == {'data': 2, 'fsdp': 4} and flash['fits'], flash
+  # The teacher's Pallas flash attention compiles for the TPU shard_mapped over FSDP.
+  assert any(m.endswith('flash attention') for m in fsdp['models']), fsdp
   assert fsdp['mesh'] == {'data': 1, 'fsdp': 8} and fsdp['fits']
   # FSDP splits the trained parameters and the optimizer state over the 8 chips (the teacher is
   # split too: frozen_sharding_rules), so far less of them sits on each chip.

@@ -21,11 +21,13 @@ from typing import Any
 
 @dataclasses.dataclass(frozen=True)
 class Sizes:
-  """What a builder may need from the data and the schedule."""
+  """What a builder may need from the data, the schedule and the devices."""
 
   num_classes: int
   total_steps: int
   steps_per_epoch: int | None = None  # None: the builder reads the dataset (DINO / MOKD schedules)
+  # the platform the step will run on: the mesh's ('tpu' in a plan for a TPU, whatever this host is)
+  platform: str = 'cpu'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,9 +96,10 @@ def build_objective(
   total_steps: int,
   steps_per_epoch: int | None = None,
   loader: Any = None,
+  platform: str = 'cpu',
 ) -> tuple[Any, dict[str, Any], Any, list[str]]:
   """(objective, frozen, start params or None, notes) for ``config.objective``. ``loader``:
-  builders.ARRAYS (a run) or builders.SHAPES (a plan); None is ARRAYS."""
+  builders.ARRAYS (a run) or builders.SHAPES (a plan); None is ARRAYS. ``platform``: the mesh's."""
   build = _resolve(entry(config.objective).builder)
-  sizes = Sizes(num_classes, total_steps, steps_per_epoch)
+  sizes = Sizes(num_classes, total_steps, steps_per_epoch, platform)
   return build(config, sizes) if loader is None else build(config, sizes, loader)
