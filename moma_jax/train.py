@@ -80,7 +80,10 @@ def make_train_step(
     rng = jax.random.fold_in(rng, state.step)
     if augment is not None:
       batch = augment(batch)
-    grad_fn = jax.value_and_grad(objective.loss, has_aux=True)
+    grad_fn = jax.value_and_grad(
+      lambda p, *a: objective.loss(optim.stop_frozen_gradients(p, objective.frozen_pattern), *a),
+      has_aux=True,
+    )
     (loss, (metrics, extra)), grads = grad_fn(state.params, state.extra, frozen, batch, rng)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -510,7 +513,9 @@ def build_setup(
       raise ValueError(f'view {name!r} must be data.image_size={config.data.image_size}px')
   tx, schedule, peak_lr = make_optimizer(config, objective, total_steps, steps_per_epoch)
   used = {k: views[k] for k in objective.required_views()}
-  augment = photometric.make_batch_fn(used) if on_device else None
+  augment = (
+    photometric.make_batch_fn(used, photometric.compute_dtype(platform)) if on_device else None
+  )
   return Setup(
     mesh, data_axes, per_host_batch, used, augment, objective, frozen, start_params, notes, tx,
     schedule, float(peak_lr), total_steps, steps_per_epoch,

@@ -80,3 +80,31 @@ def test_parameter_groups_hold_scale_and_freeze():
     expected = _numpy_adamw(_at(params, path), [_at(g, path) for g in grads], lrs)
     np.testing.assert_allclose(_at(p, path), expected, rtol=1e-5, atol=1e-6)
   np.testing.assert_array_equal(p['student']['pos_embed'], params['student']['pos_embed'])
+
+
+def test_frozen_parameters_get_no_gradient_and_no_gradient_work():
+  """stop_frozen_gradients (the train step's, from objective.frozen_pattern): a frozen table read
+  through a gather (a ViT's pos_embed at the visible tokens) gets an exactly zero gradient, the
+  other parameters the gradient they had, and the compiled gradient has no scatter left (the
+  cotangents of the frozen table are not computed at all)."""
+  rng = np.random.RandomState(0)
+  params = {
+    'student': {'pos_embed': jnp.asarray(rng.randn(1, 16, 8), jnp.float32),
+                'w': jnp.asarray(rng.randn(8, 4), jnp.float32)},
+  }  # fmt: skip
+  idx = jnp.asarray(rng.randint(0, 16, (6, 3)))
+
+  def loss(p):
+    pos = jnp.broadcast_to(p['student']['pos_embed'], (6, 16, 8))
+    visible = jnp.take_along_axis(pos, idx[..., None], axis=1)  # [6, 3, 8]
+    return jnp.sum(jnp.tanh(visible @ p['student']['w']))
+
+  frozen = r'^student/pos_embed$'
+  held = lambda p: loss(optim.stop_frozen_gradients(p, frozen))  # noqa: E731
+  plain, stopped = jax.grad(loss)(params), jax.grad(held)(params)
+  assert np.abs(np.asarray(plain['student']['pos_embed'])).max() > 0  # it would get one
+  np.testing.assert_array_equal(stopped['student']['pos_embed'], 0.0)
+  np.testing.assert_array_equal(stopped['student']['w'], plain['student']['w'])
+  assert 'scatter' in jax.jit(jax.grad(loss)).lower(params).as_text()
+  assert 'scatter' not in jax.jit(jax.grad(held)).lower(params).as_text()
+  assert optim.stop_frozen_gradients(params, None) is params
