@@ -205,9 +205,10 @@ def moma_config(name: str, args: ml_collections.ConfigDict) -> ml_collections.Co
   # The frozen teachers' compute dtype and attention. By the plan's cost model (docs/tpu.md,
   # "Where the bytes go") bf16 alone saves little (moco_to_mae on a v5e-8: 295 vs 279 ms per step
   # in f32), but with the flash kernel, which never writes the [B, H, 197, 197] scores to HBM, the
-  # step drops to 218 ms (v5e-8) and 122 ms (v5p-8, MFU bound 83%); L->B becomes compute-bound on
-  # both (MFU bound 91%). At the runlocal scale a bf16 teacher leaves the student where float32
-  # does (runlocal keeps float32: a CPU has no fast bf16). Neither has run on a TPU yet.
+  # step drops to 218 ms (v5e-8) and 122 ms (v5p-8, MFU bound 83%; 197 and 116 ms with the byte
+  # fixes of docs/tpu.md); L->B becomes compute-bound on both (MFU bound 91%). At the runlocal
+  # scale a bf16 teacher leaves the student where float32 does (runlocal keeps float32: a CPU has
+  # no fast bf16). Neither has run on a TPU yet.
   # teacher_attention: 'auto' (flash on a TPU, else xla), 'xla', 'flash' (TPU: JAX's Pallas
   # flash-attention kernel), 'cudnn' (GPU, bf16 only).
   c.teacher_dtype = 'bfloat16'
