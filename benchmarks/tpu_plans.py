@@ -2,11 +2,13 @@ r"""The Cloud TPU table of docs/tpu.md: every shipped full config planned (--pla
 slices in float32 and bfloat16 compute, one fresh process per plan, without a TPU.
 
   python benchmarks/tpu_plans.py --out benchmarks/results/tpu            # plans missing ones
+  python benchmarks/tpu_plans.py --only moco_to_mae --targets v5p-8      # some of them
   python benchmarks/tpu_plans.py --out benchmarks/results/tpu --table    # markdown from the JSONs
 
 Each plan is ``python main.py --config=CONFIG --plan=TARGET --plan_json=...`` (the command users
-run), so the table is what they would see. Resumable: a plan whose JSON exists is not redone. A
-step that does not fit is recorded with the command's one-line error. Each full-depth compile
+run), so the table is what they would see. Resumable: a plan whose JSON exists is not redone,
+unless it predates the HBM-only traffic count (``hbm_traffic_per_chip``). A step that does not fit
+is recorded with the command's one-line error. Each full-depth compile
 takes 1-5 min and 3-7 GiB of host RAM on this 2-core machine.
 """
 
@@ -71,6 +73,12 @@ ORDER = [  # most wanted first: a sweep stopped early still answers the main que
 ORDER = list(dict.fromkeys(ORDER))
 
 
+def _current(plan: dict) -> bool:
+  """Planned with the HBM-only traffic count (older plans put XLA's bytes accessed in every
+  memory space into the roofline; a refusal does not depend on it)."""
+  return 'error' in plan or 'hbm_traffic_per_chip' in plan
+
+
 def _file(out: str, config: str, target: str, dtype: str) -> str:
   return os.path.join(out, f'{config.replace(" ", "_").replace(">", "")}__{target}__{dtype}.json')
 
@@ -101,7 +109,7 @@ def run_one(out: str, config: str, target: str, dtype: str) -> None:
 def table(out: str) -> str:
   rows = [
     '| config | compute | target | fits | GiB / chip | roofline step | images/s | epoch | '
-    'schedule | FLOP/byte (ridge) | MFU bound | largest batch / chip (est.) |',
+    'schedule | FLOP per HBM byte (ridge) | MFU bound | largest batch / chip (est.) |',
     '|---|---|---|---|---|---|---|---|---|---|---|---|',
   ]
   for config, target, dtype in sorted(
@@ -132,7 +140,8 @@ def table(out: str) -> str:
       f'| {config} | {dt} | {target} | yes | {gib:.1f} of {cap:.1f} | '
       f'{p["roofline_step_seconds"] * 1000:.0f} ms | {p["images_per_second"]:,.0f} | '
       f'{p["epoch_seconds"] / 60:.1f} min | {p["schedule_seconds"] / 3600:.1f} h ({epochs} ep) | '
-      f'{p["flops_per_byte"]:.0f} ({p["ridge"]:.0f}) | {100 * p["mfu_bound"]:.0f}% | '
+      f'{p["flops_per_byte"]:.0f}{"" if _current(p) else "*"} ({p["ridge"]:.0f}) | '
+      f'{100 * p["mfu_bound"]:.0f}% | '
       f'{p["largest_per_chip_batch_estimate"]} |'
     )
   return '\n'.join(rows)
@@ -144,16 +153,25 @@ def main() -> None:
   ap.add_argument('--table', action='store_true', help='print the markdown table and exit')
   ap.add_argument('--only', nargs='*', help='config names to plan (default: all)')
   ap.add_argument('--compute', nargs='*', help='compute settings to plan (default: all)')
+  ap.add_argument('--targets', nargs='*', help=f'slices to plan for (default: all of {TARGETS})')
   a = ap.parse_args()
   if a.table:
     print(table(a.out))
     return
   os.makedirs(a.out, exist_ok=True)
   for config, target, dtype in ORDER:
-    if (a.only and config not in a.only) or (a.compute and dtype not in a.compute):
+    if (
+      (a.only and config not in a.only)
+      or (a.compute and dtype not in a.compute)
+      or (a.targets and target not in a.targets)
+    ):
       continue
-    if not os.path.exists(_file(a.out, config, target, dtype)):
-      run_one(a.out, config, target, dtype)
+    path = _file(a.out, config, target, dtype)
+    if os.path.exists(path):
+      with open(path) as f:
+        if _current(json.load(f)):
+          continue
+    run_one(a.out, config, target, dtype)
 
 
 if __name__ == '__main__':
