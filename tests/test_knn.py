@@ -61,6 +61,16 @@ def test_on_device_knn_equals_the_numpy_reference(axes, batch, block):
   scores = np.asarray(scores)
   np.testing.assert_allclose(scores, expected, rtol=1e-5, atol=1e-5 * expected.max())
   np.testing.assert_array_equal(scores.argmax(1), expected.argmax(1))
+  # How alike the valid rows are (the invalid ones, scaled queries, must not count): NumPy
+  f = train_f[valid] + 0.5  # a shared direction, so that the answer is far from 0
+  bank = knn.bank_from_arrays(
+    np.where(valid[:, None], train_f + 0.5, train_f), train_y, mesh=mesh, data_axes=data_axes,
+    valid=valid, batch_size=batch, bank_block=block,
+  )  # fmt: skip
+  m = f.mean(0)
+  cos = (f @ m / np.linalg.norm(f, axis=1) / np.linalg.norm(m)).mean()
+  assert 0.2 < cos < 0.9
+  np.testing.assert_allclose(knn.cosine_to_mean(bank), cos, rtol=1e-5)
 
 
 def test_fewer_bank_rows_than_k():

@@ -328,6 +328,17 @@ def bank_from_arrays(
   return writer.finish()
 
 
+def cosine_to_mean(bank: MemoryBank) -> float:
+  """How much of its features an encoder gives every image alike: the mean over the bank of
+  cos(f_i, mean_j f_j), on the raw (not unit) features. Near 1, every image maps to nearly the
+  same direction and k-NN / a distillation target carry only a small image-specific remainder
+  (issue 29: the shipped MoCo v3 teacher's [CLS, mean] features at 0.995)."""
+  assert bank.norms is not None, 'a bank written by _BankWriter keeps its norms'
+  w = bank.valid.astype(jnp.float32)
+  mean = jnp.sum(bank.features * (bank.norms * w)[:, None], axis=0) / jnp.maximum(w.sum(), 1.0)
+  return float(jnp.sum((bank.features @ _unit(mean)) * w) / jnp.maximum(w.sum(), 1.0))
+
+
 # --- queries against the bank ----------------------------------------------------------------------
 
 
@@ -474,7 +485,9 @@ class KnnEvaluator:
     linear_c: float = 1.0,
     linear_max_iter: int = 500,
     linear_tol: float = LINEAR_TOL,
+    spread: bool = False,
   ):
+    self.spread = spread
     self.train = sources.open_split(dataset, train_split, data_dir=data_dir)
     self.test = sources.open_split(dataset, eval_split, data_dir=data_dir)
     self.view = ViewSpec(size=image_size, crop='center', resize_ratio=resize_ratio)
@@ -495,7 +508,8 @@ class KnnEvaluator:
     """features_fn(params, uint8 images [B, H, W, 3]) -> [B, D]; ``params`` any pytree.
 
     Yields (f'{prefix}/top1', k-NN accuracy over every example of the eval split), then, with
-    ``linear``, (f'{prefix}/linear', the linear probe's).
+    ``linear``, (f'{prefix}/linear', the linear probe's), and with ``spread``
+    (f'{prefix}/cos_to_mean', cosine_to_mean of the train split's features).
     """
     fn = jax.jit(features_fn)
     bank = extract_bank(
@@ -529,6 +543,8 @@ class KnnEvaluator:
         max_iter=self.linear_max_iter, tol=self.linear_tol,
       )  # fmt: skip
       yield f'{prefix}/linear', top1
+    if self.spread:
+      yield f'{prefix}/cos_to_mean', cosine_to_mean(bank)
 
 
 # --- the standalone command ------------------------------------------------------------------------
@@ -593,6 +609,9 @@ def _parser() -> argparse.ArgumentParser:
                  help='also a linear probe on the same features')  # fmt: skip
   p.add_argument('--baselines', action=argparse.BooleanOptionalAction, default=True,
                  help='also report raw pixels (k-NN, linear probe) and chance')  # fmt: skip
+  p.add_argument('--spread', action='store_true',
+                 help="also the train features' mean cosine to their mean (near 1: every image "
+                      'alike)')  # fmt: skip
   return p
 
 
@@ -618,6 +637,7 @@ def main(argv: list[str] | None = None) -> int:
       image_size=model.image_size, batch_size=a.batch_size, mesh=mesh, data_axes=('data',),
       data_dir=a.data_dir, k=a.k, temperature=a.temperature,
       max_train_examples=a.max_train or None, resize_ratio=ratio, linear=a.linear,
+      spread=a.spread,
     )  # fmt: skip
   except (OSError, ValueError, KeyError) as e:  # DataError, CheckpointMismatchError are ValueErrors
     msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -629,6 +649,8 @@ def main(argv: list[str] | None = None) -> int:
   line = f'knn/top1: {100 * result["knn/top1"]:.2f}%'
   if a.linear:
     line += f'  linear/top1: {100 * result["knn/linear"]:.2f}%'
+  if a.spread:
+    line += f'  cosine to the mean: {result["knn/cos_to_mean"]:.4f}'
   if a.baselines:
     pixels = dict(ev.run(pixel_features(), None))
     line += f'  raw pixels: {100 * pixels["knn/top1"]:.2f}%'
