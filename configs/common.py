@@ -131,6 +131,9 @@ def knn_evaluator(**overrides: Any) -> ml_collections.ConfigDict:
     # top1: logistic regression (scikit-learn's C = 1) on standardised features, fitted on device
     # with L-BFGS (moma_jax/evaluators/linear.py); digits on CPU: < 1 s at 256-d, ~8 s raw pixels
     linear=True,
+    # also knn/<...>/cos_to_mean: the train features' mean cosine to their mean (near 1: the
+    # encoder gives every image nearly the same features; evaluators.knn.cosine_to_mean)
+    spread=False,
   )  # fmt: skip
   e.update(overrides)
   return ml_collections.ConfigDict(e)

@@ -239,7 +239,7 @@ def make_evaluations(config, objective, mesh, data_axes) -> list[Evaluation]:
         train_split=validate.evaluator_split(config, ec, 'train_split'),
         eval_split=validate.evaluator_split(config, ec, 'eval_split'),
         batch_size=ec.batch_size, max_train_examples=ec.max_train or None,
-        linear=ec.get('linear', True), **common,
+        linear=ec.get('linear', True), spread=ec.get('spread', False), **common,
       )  # fmt: skip
 
       pool = ec.get('features', 'cls')

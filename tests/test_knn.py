@@ -192,15 +192,17 @@ def test_command_reads_the_input_statistics_of_a_converted_directory(tmp_path):
   )
   code, out, err = _run_cli(
     ['--checkpoint', str(tmp_path / 'enc'), '--dataset', 'digits', '--features', 'mean',
-     '--no-baselines', '--max_train', '512']
+     '--no-baselines', '--max_train', '512', '--spread']
   )  # fmt: skip
   assert code == 0, err
   assert 'raw pixels' not in out
-  ev = _evaluator(model, max_train_examples=512)
+  ev = _evaluator(model, max_train_examples=512, spread=True)
   fn = knn.encoder_features(model, pool='mean', **stats)
   result = dict(ev.run(fn, variables))
   assert _percent(out, 'knn/top1') == pytest.approx(100 * result['knn/top1'], abs=0.006)
   assert _percent(out, 'linear/top1') == pytest.approx(100 * result['knn/linear'], abs=0.006)
+  cos = float(re.search(r'cosine to the mean: ([\d.]+)', out).group(1))
+  assert cos == pytest.approx(result['knn/cos_to_mean'], abs=1e-4) and 0 < cos < 1
 
 
 @pytest.mark.parametrize(
