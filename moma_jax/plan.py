@@ -101,8 +101,8 @@ _LEAF = re.compile(r'\b(' + '|'.join(_DTYPE_BYTES) + r')\[([\d,]*)\](\{[^}]*\})?
 _ON_CHIP = re.compile(r'S\([1-9]\d*\)')
 _INSTRUCTION = re.compile(r'\s+(?:ROOT )?%(\S+) = (.*?) ([a-z][a-z0-9-]*)\((.*)$')
 _FREE = {
-  'parameter', 'constant', 'get-tuple-element', 'tuple', 'bitcast', 'copy-done', 'slice-done',
-  'after-all', 'partition-id', 'replica-id',
+  'parameter', 'constant', 'get-tuple-element', 'tuple', 'bitcast', 'after-all', 'partition-id',
+  'replica-id',
 }  # fmt: skip
 _CALLS = {'while', 'call', 'conditional'}  # their bodies are other computations: not counted
 
@@ -151,7 +151,7 @@ def hbm_traffic(hlo: str, top: int = 8, depth: int = 4) -> Traffic:
     name, shape, op, rest = m.groups()
     shapes[name] = result = _leaves(shape)
     complete &= op not in _CALLS
-    if op in _FREE or op in _CALLS:
+    if op in _FREE or op in _CALLS or op.endswith('-done'):  # an async op's start moved it
       continue
     operands = [shapes.get(o, []) for o in re.findall(r'%([\w.\-]+)', rest.split(')', 1)[0])]
     if op in ('slice-start', 'copy-start'):  # ((source), destination, context): one transfer
