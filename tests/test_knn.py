@@ -192,7 +192,7 @@ def test_command_reads_the_input_statistics_of_a_converted_directory(tmp_path):
   )
   code, out, err = _run_cli(
     ['--checkpoint', str(tmp_path / 'enc'), '--dataset', 'digits', '--features', 'mean',
-     '--no-baselines', '--max_train', '512', '--spread']
+     '--no-baselines', '--max_train', '512', '--spread', '--random_init', '3']
   )  # fmt: skip
   assert code == 0, err
   assert 'raw pixels' not in out
@@ -203,6 +203,12 @@ def test_command_reads_the_input_statistics_of_a_converted_directory(tmp_path):
   assert _percent(out, 'linear/top1') == pytest.approx(100 * result['knn/linear'], abs=0.006)
   cos = float(re.search(r'cosine to the mean: ([\d.]+)', out).group(1))
   assert cos == pytest.approx(result['knn/cos_to_mean'], abs=1e-4) and 0 < cos < 1
+  # the floor: the same architecture at random init, seed 3
+  init = model.init(jax.random.key(3), jnp.zeros((1, 32, 32, 3)))
+  floor = dict(ev.run(fn, init))
+  tail = out.split('random init (seed 3): ')[1]
+  assert _percent(tail, 'knn/top1') == pytest.approx(100 * floor['knn/top1'], abs=0.006)
+  assert _percent(tail, 'linear/top1') == pytest.approx(100 * floor['knn/linear'], abs=0.006)
 
 
 @pytest.mark.parametrize(

@@ -609,6 +609,8 @@ def _parser() -> argparse.ArgumentParser:
                  help='also a linear probe on the same features')  # fmt: skip
   p.add_argument('--baselines', action=argparse.BooleanOptionalAction, default=True,
                  help='also report raw pixels (k-NN, linear probe) and chance')  # fmt: skip
+  p.add_argument('--random_init', type=int, default=None, metavar='SEED',
+                 help='also the same architecture randomly initialised with this seed')  # fmt: skip
   p.add_argument('--spread', action='store_true',
                  help="also the train features' mean cosine to their mean (near 1: every image "
                       'alike)')  # fmt: skip
@@ -644,13 +646,20 @@ def main(argv: list[str] | None = None) -> int:
     print(f'error: {msg}', file=sys.stderr)
     return 2
 
+  def cells(result: dict[str, float], prefix: str = 'knn') -> str:
+    out = f'{100 * result[f"{prefix}/top1"]:.2f}%'
+    if a.linear:
+      out += f'  linear/top1: {100 * result[f"{prefix}/linear"]:.2f}%'
+    if a.spread:
+      out += f'  cosine to the mean: {result[f"{prefix}/cos_to_mean"]:.4f}'
+    return out
+
   params = {'params': {k: v for k, v in loaded.params['params'].items() if k != 'head'}}
-  result = dict(ev.run(features, params))
-  line = f'knn/top1: {100 * result["knn/top1"]:.2f}%'
-  if a.linear:
-    line += f'  linear/top1: {100 * result["knn/linear"]:.2f}%'
-  if a.spread:
-    line += f'  cosine to the mean: {result["knn/cos_to_mean"]:.4f}'
+  line = f'knn/top1: {cells(dict(ev.run(features, params)))}'
+  if a.random_init is not None:  # the same architecture at random init: the floor to beat
+    size = model.image_size
+    init = model.init(jax.random.key(a.random_init), jnp.zeros((1, size, size, 3), jnp.float32))
+    line += f'  random init (seed {a.random_init}): knn/top1: {cells(dict(ev.run(features, init)))}'
   if a.baselines:
     pixels = dict(ev.run(pixel_features(), None))
     line += f'  raw pixels: {100 * pixels["knn/top1"]:.2f}%'
