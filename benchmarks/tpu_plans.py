@@ -73,6 +73,16 @@ ORDER = [  # most wanted first: a sweep stopped early still answers the main que
 ORDER = list(dict.fromkeys(ORDER))
 
 
+SMALL = ' (†)'  # few images per chip: a step of fixed costs the roofline does not see (docs/tpu.md)
+
+
+def _short(seconds: float) -> str:
+  """A duration in the table's units: s below a minute, min below an hour, else h."""
+  if seconds < 60:
+    return f'{seconds:.0f} s'
+  return f'{seconds / 60:.1f} min' if seconds < 3600 else f'{seconds / 3600:.1f} h'
+
+
 def _current(plan: dict) -> bool:
   """Planned with the HBM-only traffic count (older plans put XLA's bytes accessed in every
   memory space into the roofline; a refusal does not depend on it)."""
@@ -138,8 +148,9 @@ def table(out: str) -> str:
     epochs = p['total_steps'] // p['steps_per_epoch']
     rows.append(
       f'| {config} | {dt} | {target} | yes | {gib:.1f} of {cap:.1f} | '
-      f'{p["roofline_step_seconds"] * 1000:.0f} ms | {p["images_per_second"]:,.0f} | '
-      f'{p["epoch_seconds"] / 60:.1f} min | {p["schedule_seconds"] / 3600:.1f} h ({epochs} ep) | '
+      f'{p["roofline_step_seconds"] * 1000:.0f} ms{SMALL if p["per_chip_batch"] < 64 else ""} | '
+      f'{p["images_per_second"]:,.0f} | '
+      f'{_short(p["epoch_seconds"])} | {_short(p["schedule_seconds"])} ({epochs} ep) | '
       f'{p["flops_per_byte"]:.0f}{"" if _current(p) else "*"} ({p["ridge"]:.0f}) | '
       f'{100 * p["mfu_bound"]:.0f}% | '
       f'{p["largest_per_chip_batch_estimate"]} |'
