@@ -648,7 +648,7 @@ def main(argv: list[str] | None = None) -> int:
     return 2
 
   def cells(result: dict[str, float], prefix: str = 'knn') -> str:
-    out = f'{100 * result[f"{prefix}/top1"]:.2f}%'
+    out = f'knn/top1: {100 * result[f"{prefix}/top1"]:.2f}%'
     if a.linear:
       out += f'  linear/top1: {100 * result[f"{prefix}/linear"]:.2f}%'
     if a.spread:
@@ -656,11 +656,11 @@ def main(argv: list[str] | None = None) -> int:
     return out
 
   params = {'params': {k: v for k, v in loaded.params['params'].items() if k != 'head'}}
-  line = f'knn/top1: {cells(dict(ev.run(features, params)))}'
+  line = cells(dict(ev.run(features, params)))
   if a.random_init is not None:  # the same architecture at random init: the floor to beat
     size = model.image_size
     init = model.init(jax.random.key(a.random_init), jnp.zeros((1, size, size, 3), jnp.float32))
-    line += f'  random init (seed {a.random_init}): knn/top1: {cells(dict(ev.run(features, init)))}'
+    line += f'  random init (seed {a.random_init}): {cells(dict(ev.run(features, init)))}'
   if a.baselines:
     pixels = dict(ev.run(pixel_features(), None))
     line += f'  raw pixels: {100 * pixels["knn/top1"]:.2f}%'
