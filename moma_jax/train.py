@@ -28,6 +28,12 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
+
+# isort: split
+# TensorFlow quietly, and without the Keras that clu's TensorBoard writer would load (tf_quiet.py).
+from moma_jax.data import tf_quiet  # noqa: F401
+
+# isort: split
 from clu import metric_writers, periodic_actions
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec

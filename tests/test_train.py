@@ -99,6 +99,30 @@ def _main(args, **kw):
   )
 
 
+def test_trainer_starts_without_keras_or_scikit_learn(tmp_path):
+  """Every command imports the trainer: TensorFlow comes without Keras 3 and scikit-learn (3 s of
+  each start-up, moma_jax/data/tf_quiet.py), and clu's TensorBoard writer still writes scalars and,
+  when asked, hparams (which loads them then)."""
+  code = f"""
+import sys
+from moma_jax import train
+loaded = lambda: [m for m in ('keras', 'sklearn') if m in sys.modules]
+assert loaded() == [], loaded()
+w = train.metric_writers.create_default_writer({str(tmp_path)!r}, just_logging=False)
+w.write_scalars(1, {{'loss': 0.5}})
+w.flush()
+assert loaded() == [], loaded()
+w.write_hparams({{'lr': 0.1}})
+w.flush()
+assert 'keras' in sys.modules
+"""
+  r = subprocess.run([sys.executable, '-c', code], cwd=tmp_path, capture_output=True, text=True,
+                     env={**os.environ, 'PYTHONPATH': ROOT})  # fmt: skip
+  assert r.returncode == 0, r.stderr[-2000:]
+  events = [f for f in os.listdir(tmp_path) if f.startswith('events.out.tfevents')]
+  assert events and all(os.path.getsize(tmp_path / f) > 0 for f in events), os.listdir(tmp_path)
+
+
 def test_main_runlocal_end_to_end(tmp_path):
   """README command 1: a short, readable log (a progress line at every log_every, no library
   chatter) and a final summary block with the student before / after and its baselines."""
