@@ -178,7 +178,9 @@ def main(argv):
     validate.validate(config, None if _PLAN.value else _WORKDIR.value)
   except validate.ConfigError as e:
     _usage_error(str(e))
-  from moma_jax.data import tf_quiet  # noqa: F401  (before clu / train import TensorFlow loudly)
+  # TensorFlow's first import, quiet, whichever module below reaches it first (train.py, plan.py
+  # and the data pipeline import it through tf_quiet too; this keeps the order for the command).
+  from moma_jax.data import tf_quiet  # noqa: F401
 
   if flags.FLAGS.verbosity < 1:
     logging.get_absl_handler().python_handler.addFilter(_OwnInfoOnly())
