@@ -227,6 +227,7 @@ def moma_config(name: str, args: ml_collections.ConfigDict) -> ml_collections.Co
     mask_strong_view=True,
     projector_warmup_steps=0,  # > 0: only the projectors train for these first steps
     projector_lr_scale=1.0,  # the projectors' lr / the encoder's
+    projector_fit_batches=0,  # > 0: projectors first fitted in closed form on this many batches
     target_stats='none',  # 'none' | 'center' | 'standardize': per position over the batch
   )
   c.optim = optim_config(base_lr=1.5e-4, b2=0.95, warmup_epochs=20.0)

@@ -236,6 +236,7 @@ def build_moma(
     mask_strong_view=m.mask_strong_view,
     projector_warmup_steps=m.get('projector_warmup_steps', 0),
     projector_lr_scale=m.get('projector_lr_scale', 1.0),
+    projector_fit_batches=m.get('projector_fit_batches', 0),
     target_stats=m.get('target_stats', 'none'),
     input_norm=student_norm,
   )

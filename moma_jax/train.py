@@ -14,6 +14,7 @@ Any objective (MOMA distillation, fine-tuning, linear probing, ...) plugs in; se
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import queue
 import threading
@@ -296,6 +297,25 @@ def make_evaluations(config, objective, mesh, data_axes) -> list[Evaluation]:
 
 
 # --- helpers ---------------------------------------------------------------------------------------
+
+
+def prepare_state(objective, mesh, state: TrainState, state_sharding, frozen, batches, rng):
+  """A fresh run's ``objective.prepare`` on the stream's first ``prepare_batches`` batches, which
+  are then put back in front of the stream (the run trains on them as usual). Returns (state,
+  batches)."""
+  first = list(itertools.islice(batches, objective.prepare_batches))
+  if not first:  # the stream ended (a preemption notice while reading data): the loop handles it
+    return state, batches
+  prepare = jax.jit(
+    objective.prepare, out_shardings=(state_sharding.params, sharding.replicated(mesh))
+  )
+  # a key of its own (the init key folded), so the steps' keys are those of a run without it
+  params, info = prepare(
+    state.params, state.extra, frozen, tuple(b for b, _ in first), jax.random.fold_in(rng, 1)
+  )
+  info = {k: float(v) for k, v in jax.device_get(info).items()}
+  logging.info('prepared on %d batches: %s', len(first), _format(info))
+  return state.replace(params=params), itertools.chain(first, batches)
 
 
 def _check_finite(step: int, metrics: dict[str, Any]) -> None:
@@ -706,6 +726,10 @@ def _train(config, workdir, setup: Setup, train_src, evaluations: list[Evaluatio
   preemption = Preemption()
   host = host_batches(train_iter, preemption)
   batches = device.prefetch_to_device(host, setup.batch_sharding(), size=1)
+  if latest is None and objective.prepare_batches:
+    state, batches = prepare_state(
+      objective, mesh, state, state_sharding, frozen, batches, init_rng
+    )
   preempted = False
   try:
     while step < stop:

@@ -294,6 +294,8 @@ def check_moma(c: ml_collections.ConfigDict) -> None:
     _fail('moma.smooth_l1_beta', m.smooth_l1_beta, 'must be >= 0 (0: L1)')
   if m.get('projector_warmup_steps', 0) < 0:
     _fail('moma.projector_warmup_steps', m.projector_warmup_steps, 'must be >= 0 (0: off)')
+  if m.get('projector_fit_batches', 0) < 0:
+    _fail('moma.projector_fit_batches', m.projector_fit_batches, 'must be >= 0 (0: off)')
   _positive(m, 'projector_lr_scale', "must be > 0 (1: the encoder's lr)", prefix='moma.')
   own_schedules = m.get('projector_warmup_steps', 0) or m.get('projector_lr_scale', 1.0) != 1.0
   if own_schedules and c.optim.name != 'adamw':

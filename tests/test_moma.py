@@ -106,6 +106,64 @@ def test_loss_against_a_direct_computation(stats, align):
   np.testing.assert_allclose(loss, total, rtol=1e-5)
 
 
+def test_projector_fit_is_the_least_squares_solution():
+  """moma.projector_fit_batches: each projector set to the least-squares map from the student's
+  tokens (eval mode, the loss's masks) to its teacher's targets over the batches, recomputed
+  here from the models' outputs with numpy's lstsq; R^2 as logged."""
+  from moma_jax import masking
+  from moma_jax.data.mixing import normalize
+
+  obj, frozen = _objective(align='both', projector_fit_batches=2)
+  params, extra = obj.init(jax.random.key(0))
+  batches = (_batch(seed=0), _batch(seed=1))
+  rng = jax.random.key(7)
+  fitted, info = jax.jit(obj.prepare)(params, extra, frozen, batches, rng)
+  jax.tree.map(np.testing.assert_array_equal, fitted['student'], params['student'])
+  for name, view in (('mae', 'teacher'), ('moco', 'strong')):
+    xs, ys = [], []
+    for i, batch in enumerate(batches):
+      k_mask, _ = jax.random.split(jax.random.fold_in(rng, i))
+      keep = np.asarray(masking.random_keep_idx(k_mask, 16, 64, 0.9))
+      pos = np.concatenate([np.zeros_like(keep[:, :1]), keep + 1], 1)
+      st, _ = obj.student.apply({'params': params['student']}, normalize(batch[view]), keep)
+      tt, _ = obj.teachers[name].model.apply(frozen[name], normalize(batch['teacher']))
+      tgt = np.take_along_axis(np.asarray(layer_norm(tt), np.float64), pos[..., None], 1)
+      xs.append(np.asarray(st, np.float64).reshape(-1, 64))
+      ys.append(tgt.reshape(-1, tgt.shape[-1]))
+    x = np.concatenate([np.concatenate(xs), np.ones((len(xs) * 16 * 7, 1))], 1)
+    y = np.concatenate(ys)
+    # The student's tokens leave its final LayerNorm: [x, 1] has one direction at float32
+    # rounding level (singular value ~1e-8 of the largest), which a fit must leave alone (as the
+    # objective's ridge does) rather than fit its noise with huge weights (rcond=None does).
+    w = np.linalg.lstsq(x, y, rcond=1e-4)[0]
+    p = fitted['projectors'][name]
+    ours = x @ np.concatenate([np.asarray(p['kernel']), np.asarray(p['bias'])[None]], 0)
+    np.testing.assert_allclose(ours, x @ w, atol=1e-3 * np.abs(y).max())
+    r2 = 1 - np.square(y - x @ w).sum() / np.square(y - y.mean(0)).sum()
+    np.testing.assert_allclose(info[f'fit_r2/{name}'], r2, atol=1e-3)
+  # The fitted projectors give a lower loss than the random ones on the batches they saw.
+  before = obj.loss(params, extra, frozen, batches[0], jax.random.key(1))[0]
+  after = obj.loss(fitted, extra, frozen, batches[0], jax.random.key(1))[0]
+  assert float(after) < 0.5 * float(before), (before, after)
+
+
+def test_projector_fit_of_a_teacher_copy_is_exact():
+  """A student that is its teacher, unmasked, with the teacher's own norm as the target: the
+  identity is an exact solution, so the fitted projector's loss is zero on new images. (Its
+  weights need not be the identity: the tokens leave a LayerNorm, whose constraint leaves one
+  direction free.)"""
+  t = _vit()
+  variables = t.init(jax.random.key(3), jnp.zeros((1, 32, 32, 3)))
+  obj = Moma(student=t, teachers={'t': Teacher(t)}, mask_ratio=0.0, teacher_norm='own',
+             projector_fit_batches=1)  # fmt: skip
+  params, extra = obj.init(jax.random.key(0), variables['params'])
+  fitted, info = obj.prepare(params, extra, {'t': variables}, (_batch(),), jax.random.key(1))
+  assert float(info['fit_r2/t']) > 0.9999
+  before = obj.loss(params, extra, {'t': variables}, _batch(seed=2), jax.random.key(4))[0]
+  after = obj.loss(fitted, extra, {'t': variables}, _batch(seed=2), jax.random.key(4))[0]
+  assert float(after) < 1e-6 < float(before), (before, after)
+
+
 def test_teacher_gets_no_gradient_and_flops():
   obj, frozen = _objective()
   params, extra = obj.init(jax.random.key(0))

@@ -42,15 +42,21 @@ def test_each_setting_reduces_the_loss(tmp_path, name):
   assert loaded.model.width == 64 and os.path.exists(tmp_path / 'export' / 'model.pth')
 
 
-def test_resume_matches_uninterrupted(tmp_path):
-  # All 8 fake devices: the trainer's sharded save and restore end to end.
+def test_resume_matches_uninterrupted(tmp_path, caplog):
+  # All 8 fake devices: the trainer's sharded save and restore end to end. With the closed-form
+  # projector fit (moma.projector_fit_batches): done once at the start, never again on a resume.
   full, parts = tmp_path / 'full', tmp_path / 'parts'
-  train.train_and_evaluate(_config(M2M_PAPER, num_train_steps=40), str(full))
-  out = train.train_and_evaluate(
-    _config(M2M_PAPER, num_train_steps=40, stop_at_step=20), str(parts)
-  )
+
+  def config(**kw):
+    return _config(M2M_PAPER, num_train_steps=40, **{'moma.projector_fit_batches': 2}, **kw)
+
+  caplog.set_level('INFO')
+  train.train_and_evaluate(config(), str(full))
+  assert caplog.text.count('prepared on 2 batches: fit_r2/moco') == 1
+  out = train.train_and_evaluate(config(stop_at_step=20), str(parts))
   assert out['step'] == 20 and not os.path.exists(parts / 'export')
-  train.train_and_evaluate(_config(M2M_PAPER, num_train_steps=40), str(parts))
+  train.train_and_evaluate(config(), str(parts))
+  assert caplog.text.count('prepared on 2 batches') == 2
   a = load_pretrained(os.path.join(full, 'export', 'model')).params
   b = load_pretrained(os.path.join(parts, 'export', 'model')).params
   import jax
@@ -59,7 +65,7 @@ def test_resume_matches_uninterrupted(tmp_path):
   # The history survives the resume (kept in the checkpoint), and a re-run of a finished run.
   losses = lambda d: [(h['step'], h['loss']) for h in _history(d)]  # noqa: E731
   assert losses(parts) == losses(full) and [s for s, _ in losses(full)] == [10, 20, 30, 40]
-  train.train_and_evaluate(_config(M2M_PAPER, num_train_steps=40), str(parts))
+  train.train_and_evaluate(config(), str(parts))
   assert losses(parts) == losses(full)
 
 

@@ -62,6 +62,15 @@ class Objective:
   # ((label, metric name), ...) shown on every step line of the log (DINO / MOKD: the teachers'
   # collapse signals).
   progress_metrics: tuple[tuple[str, str], ...] = ()
+  # How many batches of the training stream ``prepare`` reads before the first step of a fresh
+  # run (0: no prepare stage). The trainer trains on those batches as usual afterwards.
+  prepare_batches: int = 0
+
+  def prepare(self, params, extra, frozen, batches: tuple[dict[str, jax.Array], ...], rng):
+    """(params, {name: scalar}) set from the first ``prepare_batches`` batches before the first
+    step of a fresh run, never on a resume (MOMA's closed-form projector fit); the scalars are
+    logged."""
+    return params, {}
 
   def eval_teachers(self) -> dict[str, Any]:
     """{name: teacher} of frozen teachers (``.model`` a ViT, ``.input_norm`` its statistics;

@@ -24,6 +24,11 @@ Open choices of the paper, all options (defaults chosen here and why):
                           otherwise rewrite a pre-trained student (docs/results.md). Not in the
                           paper; 0 = off.
   projector_lr_scale      the projectors' lr = this x the encoder's (1 = the paper's one lr).
+  projector_fit_batches   > 0: before the first step of a fresh run, each projector is set to the
+                          ridge least-squares fit of the targets from the student's (frozen,
+                          masked) tokens over this many training batches, so the encoder's first
+                          gradients come through a fitted projector rather than a random one (the
+                          closed-form counterpart of the warm-up; issue 29). Not in the paper; 0 = off.
   target_stats='none'     after N, per (token position, channel) over the global batch: 'center'
                           subtracts the batch mean, 'standardize' also divides by the batch std,
                           so the loss weighs what differs between images rather than what every
@@ -96,6 +101,7 @@ class Moma(Objective):
   mask_strong_view: bool = True
   projector_warmup_steps: int = 0
   projector_lr_scale: float = 1.0
+  projector_fit_batches: int = 0
   target_stats: str = 'none'
   input_norm: Normalization = IMAGENET  # the student's input statistics
 
@@ -178,6 +184,10 @@ class Moma(Objective):
       groups.append((r'^projectors/', self.projector_lr_scale, 0))
     return tuple(groups)
 
+  @property  # type: ignore[override]
+  def prepare_batches(self) -> int:
+    return self.projector_fit_batches
+
   def required_views(self) -> set[str]:
     views = {'teacher'}
     if any(t.student_view in ('strong', 'both') for t in self.teachers.values()):
@@ -234,15 +244,11 @@ class Moma(Objective):
       return tokens[:, 1:]
     return tokens
 
-  def loss(
-    self,
-    params: dict[str, Any],
-    extra: dict,
-    frozen: dict[str, Any],
-    batch: dict[str, Array],
-    rng: Array,
-  ) -> tuple[Array, tuple[dict[str, Array], dict]]:
-    """(loss, (metrics, extra)). batch: {'teacher': uint8 [B,H,W,3], ['strong': uint8]}."""
+  def _pairs(self, params, frozen, batch: dict[str, Array], rng: Array, train: bool = True):
+    """[(teacher name, share, student tokens [B, k, Ds], target [B, k, Dt])] of one batch: the
+    student's tokens that ``align`` reads (before the projector) and their targets, one pair per
+    teacher and student view; share is the pair's part of its teacher's loss (1, or 1/2 for each
+    view of a 'both' teacher)."""
     k_mask, k_drop = jax.random.split(rng)
     s = self.student
     images = self.input_norm(batch['teacher'])
@@ -258,31 +264,90 @@ class Moma(Objective):
       idx = keep_idx if (kind == 'masked' or self.mask_strong_view) else None
       with jax.named_scope(f'student_{kind}'):  # names the ops in profiles and plans
         tokens, _ = s.apply(
-          {'params': params['student']}, x, idx, train=True, rngs={'dropout': k_drop}
+          {'params': params['student']}, x, idx, train=train, rngs={'dropout': k_drop}
         )
-      student_tokens[kind] = (tokens, idx is not None)
+      student_tokens[kind] = (self._select(tokens), idx is not None)
 
-    total = jnp.zeros((), jnp.float32)
-    metrics = {}
-    pnames = self._projector_names()
+    pairs = []
     for name, t in self.teachers.items():
       with jax.named_scope(f'teacher_{name}'):
         teacher_tokens = self._teacher_tokens(
           t, frozen[name], t.input_norm(batch['teacher']), keep_idx
         )
       kinds = ['masked', 'strong'] if t.student_view == 'both' else [t.student_view]
-      losses = []
       for kind in kinds:
         tokens, masked = student_tokens[kind]
         # the teacher's tokens at the visible positions (a masked teacher has only those)
         tgt = self._target(teacher_tokens, keep_idx if masked and not self.mask_teacher else None)
-        pred = self._projector(name).apply({'params': params['projectors'][pnames[name]]}, tokens)
-        losses.append(smooth_l1(self._select(pred), tgt, self.smooth_l1_beta).mean())
-      loss_t = sum(losses) / len(losses)
+        pairs.append((name, 1.0 / len(kinds), tokens, tgt))
+    return pairs
+
+  def loss(
+    self,
+    params: dict[str, Any],
+    extra: dict,
+    frozen: dict[str, Any],
+    batch: dict[str, Array],
+    rng: Array,
+  ) -> tuple[Array, tuple[dict[str, Array], dict]]:
+    """(loss, (metrics, extra)). batch: {'teacher': uint8 [B,H,W,3], ['strong': uint8]}."""
+    pnames = self._projector_names()
+    per_teacher: dict[str, Array] = {}
+    for name, share, tokens, tgt in self._pairs(params, frozen, batch, rng):
+      pred = self._projector(name).apply({'params': params['projectors'][pnames[name]]}, tokens)
+      loss = share * smooth_l1(pred, tgt, self.smooth_l1_beta).mean()
+      per_teacher[name] = per_teacher.get(name, 0.0) + loss
+    total = jnp.zeros((), jnp.float32)
+    metrics = {}
+    for name, loss_t in per_teacher.items():
       metrics[f'loss/{name}'] = loss_t
-      total = total + t.weight * loss_t
+      total = total + self.teachers[name].weight * loss_t
     metrics['loss'] = total
     return total, (metrics, extra)
+
+  def prepare(self, params, extra, frozen, batches: tuple[dict[str, Array], ...], rng: Array):
+    """(params with every projector set to its ridge least-squares fit, {'fit_r2/NAME': R^2}).
+
+    The moments of tokens -> target are summed over ``batches`` (the first
+    ``projector_fit_batches`` of the run) and every pair a projector serves, each weighted by its
+    teacher's loss weight; the student runs in eval mode with the loss's masking. Written out
+    rather than with ``jnp.linalg.lstsq`` so that the sums stream over batches at any batch size
+    (only the [Ds, Ds] moments are kept); the data are shifted by the first batch's means before
+    they are summed, as float32 sums of raw products lose the small image-specific part of
+    targets that are mostly their per-position mean. Smooth L1 is the squared error for residuals
+    below beta, so this is the loss's own minimiser once the fit is good."""
+    pnames = self._projector_names()
+    hp = jax.lax.Precision.HIGHEST
+    sums: dict[str, dict[str, Array]] = {}
+    for i, batch in enumerate(batches):
+      for name, share, tokens, tgt in self._pairs(
+        params, frozen, batch, jax.random.fold_in(rng, i), train=False
+      ):
+        x = tokens.reshape(-1, tokens.shape[-1]).astype(jnp.float32)
+        y = tgt.reshape(-1, tgt.shape[-1])
+        w = share * self.teachers[name].weight
+        acc = sums.setdefault(pnames[name], {'sx': x.mean(0), 'sy': y.mean(0)})
+        x, y = x - acc['sx'], y - acc['sy']
+        for key, value in (('n', w * x.shape[0]), ('x', w * x.sum(0)), ('y', w * y.sum(0)),
+                           ('xx', w * jnp.matmul(x.T, x, precision=hp)),
+                           ('xy', w * jnp.matmul(x.T, y, precision=hp)),
+                           ('yy', w * jnp.sum(jnp.square(y)))):  # fmt: skip
+          acc[key] = acc.get(key, 0.0) + value
+    projectors, info = dict(params['projectors']), {}
+    for pname, a in sums.items():
+      mx, my = a['x'] / a['n'], a['y'] / a['n']
+      cxx = a['xx'] - a['n'] * jnp.outer(mx, mx)
+      cxy = a['xy'] - a['n'] * jnp.outer(mx, my)
+      # A ridge of 1e-6 of the mean variance: the student's tokens leave a LayerNorm, so their
+      # covariance is singular (one direction at least); the fit's predictions do not depend on it.
+      ridge = 1e-6 * jnp.trace(cxx) / cxx.shape[0]
+      kernel = jnp.linalg.solve(cxx + ridge * jnp.eye(cxx.shape[0]), cxy)
+      bias = a['sy'] + my - (a['sx'] + mx) @ kernel
+      resid = a['yy'] - a['n'] * jnp.sum(my * my) - 2 * jnp.sum(kernel * cxy)
+      resid = resid + jnp.sum(kernel * (cxx @ kernel))
+      info[f'fit_r2/{pname}'] = 1.0 - resid / (a['yy'] - a['n'] * jnp.sum(my * my))
+      projectors[pname] = {'kernel': kernel, 'bias': bias}
+    return {**params, 'projectors': projectors}, info
 
   def visualize(self, params, extra, frozen, batch: dict[str, Array], rng: Array) -> dict:
     """TensorBoard panels (``moma_jax.images``): the teachers' view and what the student sees of
