@@ -88,11 +88,20 @@ def shortened_runlocal(
 
 
 def shipped(arg: str, name: str) -> str:
-  """runlocal checkpoints: ``arg`` if given, '' for 'random', else the shipped tiny teacher ``name``
-  (teachers/, configs/shipped.py)."""
+  """runlocal checkpoints: ``arg`` if a path, '' for 'random', the shipped tiny teacher ``arg``
+  if it names one (configs/shipped.py, e.g. 'mae_milli'), else the shipped ``name`` (teachers/)."""
   if arg == 'random':
     return ''
+  if arg in shipped_teachers.RECIPES:
+    return shipped_teachers.path(arg)
   return arg or shipped_teachers.path(name)
+
+
+def shipped_teacher(arg: str, name: str) -> dict[str, str]:
+  """A runlocal teacher's {checkpoint, variant} (``shipped``'s ``arg``): the variant of the shipped
+  teacher it names, else of ``name`` (a random teacher is that size; a file's own shapes win)."""
+  recipe = shipped_teachers.RECIPES[arg if arg in shipped_teachers.RECIPES else name]
+  return dict(checkpoint=shipped(arg, name), variant=recipe.variant)
 
 
 def optim_config(**overrides: Any) -> ml_collections.ConfigDict:

@@ -20,6 +20,6 @@ def get_config(arg: str | None = None):
   c.teachers.mae = common.teacher(args.teacher, student_view='masked')
   c.student.checkpoint = args.student
   if args.runlocal:  # the shipped tiny MAE teacher and MoCo v3 student (random: teacher=random)
-    c.teachers.mae.update(variant='mu/4', checkpoint=common.shipped(args.teacher, 'mae_mu'))
+    c.teachers.mae.update(common.shipped_teacher(args.teacher, 'mae_mu'))
     c.student.checkpoint = common.shipped(args.student, 'mocov3_mu')
   return c

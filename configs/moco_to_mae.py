@@ -24,6 +24,6 @@ def get_config(arg: str | None = None):
   c.teachers.moco = common.teacher(args.teacher, student_view='strong')
   c.student.checkpoint = args.student
   if args.runlocal:  # the shipped tiny MoCo v3 teacher and MAE student (random: teacher=random)
-    c.teachers.moco.update(variant='mu/4', checkpoint=common.shipped(args.teacher, 'mocov3_mu'))
+    c.teachers.moco.update(common.shipped_teacher(args.teacher, 'mocov3_mu'))
     c.student.checkpoint = common.shipped(args.student, 'mae_mu')
   return c

@@ -67,10 +67,18 @@ def test_runlocal_configs_default_to_the_shipped_teachers():
   c = mae_to_moco.get_config('runlocal')
   assert c.teachers.mae.checkpoint == teachers.path('mae_mu')
   assert dmae.get_config('runlocal').dmae.teacher == teachers.path('mae_milli')
-  c = multi_teacher.get_config('runlocal,mae=random')
-  assert c.teachers.mae.checkpoint == '' and c.teachers.moco.checkpoint == teachers.path(
-    'mocov3_mu'
+  c = multi_teacher.get_config('runlocal')  # the stronger MAE teacher (docs/results.md)
+  assert (c.teachers.mae.checkpoint, c.teachers.mae.variant) == (
+    teachers.path('mae_milli'),
+    'milli/4',
   )
+  assert (c.teachers.moco.checkpoint, c.teachers.moco.variant) == (
+    teachers.path('mocov3_mu'),
+    'mu/4',
+  )
+  c = multi_teacher.get_config('runlocal,mae=mae_mu,moco=random')  # a shipped name, or random
+  assert (c.teachers.mae.checkpoint, c.teachers.mae.variant) == (teachers.path('mae_mu'), 'mu/4')
+  assert (c.teachers.moco.checkpoint, c.teachers.moco.variant) == ('', 'mu/4')
 
 
 # Measured (docs/results.md, teachers of this commit, test split, [CLS, mean] features):
@@ -133,7 +141,9 @@ def test_small_scale_replication_ci_size(tmp_path, monkeypatch):
   with pytest.raises(SystemExit, match='--recipe small with --tables mech / cls'):
     small_scale.main(['--workdir', str(tmp_path), '--recipe', 'small', '--tables', 'cls'])
   small = {r.run.key: r.run.config for r in small_scale.plan(('t2', 't4'), (0.9,), 'small')}
-  assert small['moco_to_mae'] == 'moco_to_mae:recipe=small' and small['multi'].endswith('=small')
+  assert small['moco_to_mae'] == 'moco_to_mae:recipe=small' and small['multi'] == (
+    'multi_teacher:recipe=small,mae=mae_mu'  # Table 2's Multi: both teachers of one size
+  )
   assert small['moco_to_mae_mask90'] == 'moco_to_mae:recipe=small'  # its default is 50%
 
 

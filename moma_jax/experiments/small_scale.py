@@ -80,9 +80,10 @@ def plan(
   loss (align both, mask 90%, runlocal's lr) and every mech / cls row changes one setting of it;
   'small' reruns t2-t4 and abl under runlocal's small-scale recipe."""
   T = teachers.path  # noqa: N806
-  moco2mae, mae2moco, multi = (
+  moco2mae, mae2moco, multi_milli = (
     f'{n}:recipe={recipe}' for n in ('moco_to_mae', 'mae_to_moco', 'multi_teacher')
   )
+  multi = f'{multi_milli},mae=mae_mu'  # the paper's Multi: both teachers of one size (mu)
   moco_to_mae = Run('moco_to_mae', moco2mae)
   mae_to_moco = Run('mae_to_moco', mae2moco)
   mae_scratch = Run('mae_scratch', 'mae_pretrain')
@@ -198,6 +199,19 @@ def plan(
       Row('cls', 'MAE -> MoCo, align CLS only, mask 50%, lr x4',
           Run('mae_to_moco_cls_mask50_lr4', mae2moco,
               (cls, ('moma.mask_ratio', 0.5), ('optim.base_lr', 4e-3)))),
+      # Multi with the stronger MAE teacher (milli, runlocal's default since 2026-12-07), and
+      # each of its teachers alone -> the same random student.
+      Row('cls', 'Multi (MAE milli + MoCo v3 mu) -> random mu, align CLS only, mask 50%, lr x4',
+          Run('multi_milli_cls_mask50_lr4', multi_milli,
+              (cls, ('moma.mask_ratio', 0.5), ('optim.base_lr', 4e-3)))),
+      Row('cls', 'MAE milli alone -> random mu, align CLS only, mask 50%, lr x4',
+          Run('mae_milli_to_random_cls_mask50_lr4', f'{mae2moco},teacher=mae_milli,student=random',
+              (cls, ('moma.mask_ratio', 0.5), ('optim.base_lr', 4e-3),
+               ('student.variant', 'mu/4')))),
+      Row('cls', 'MoCo v3 mu alone -> random mu, align CLS only, mask 50%, lr x4',
+          Run('moco_to_random_cls_mask50_lr4', f'{moco2mae},student=random',
+              (cls, ('moma.mask_ratio', 0.5), ('optim.base_lr', 4e-3),
+               ('student.variant', 'mu/4')))),
       Row('cls', 'MAE from scratch, same budget, no teacher', mae_scratch),
       Row('cls', 'MAE from scratch, lr x4', Run('mae_scratch_lr4', 'mae_pretrain',
                                                  (('optim.base_lr', 4e-3),))),
