@@ -5,7 +5,8 @@ Any objective (MOMA distillation, fine-tuning, linear probing, ...) plugs in; se
   1. validate the config and build everything cheap (mesh, batch split, models, teachers, data
      sources) so bad input fails before any compilation or data reading;
   2. create the train state directly sharded (eval_shape -> shardings -> jit(init));
-  3. restore the latest checkpoint of the workdir, if any (state + data stream position);
+  3. restore the latest checkpoint of the workdir, if any (state + data stream position); a fresh
+     run instead lets the objective prepare its parameters on the first batches (``prepare``);
   4. loop: one jitted, donated update of (state, frozen, batch, rng) per step; metrics, periodic
      evaluations, periodic checkpoints;
   5. final checkpoint, export of the trained ViT (orbax + PyTorch), final evaluations.
@@ -299,16 +300,21 @@ def make_evaluations(config, objective, mesh, data_axes) -> list[Evaluation]:
 # --- helpers ---------------------------------------------------------------------------------------
 
 
-def prepare_state(objective, mesh, state: TrainState, state_sharding, frozen, batches, rng):
-  """A fresh run's ``objective.prepare`` on the stream's first ``prepare_batches`` batches, which
-  are then put back in front of the stream (the run trains on them as usual). Returns (state,
-  batches)."""
+def prepare_state(
+  objective, mesh, state: TrainState, state_sharding, frozen, batches, rng, augment=None
+):
+  """A fresh run's ``objective.prepare`` on the stream's first ``prepare_batches`` batches (after
+  the on-device ``augment``, as the step sees them), which are then put back in front of the
+  stream (the run trains on them as usual). Returns (state, batches)."""
   first = list(itertools.islice(batches, objective.prepare_batches))
   if not first:  # the stream ended (a preemption notice while reading data): the loop handles it
     return state, batches
-  prepare = jax.jit(
-    objective.prepare, out_shardings=(state_sharding.params, sharding.replicated(mesh))
-  )
+
+  def run(params, extra, frozen, views, key):
+    views = tuple(augment(b) for b in views) if augment is not None else views
+    return objective.prepare(params, extra, frozen, views, key)
+
+  prepare = jax.jit(run, out_shardings=(state_sharding.params, sharding.replicated(mesh)))
   # a key of its own (the init key folded), so the steps' keys are those of a run without it
   params, info = prepare(
     state.params, state.extra, frozen, tuple(b for b, _ in first), jax.random.fold_in(rng, 1)
@@ -728,7 +734,7 @@ def _train(config, workdir, setup: Setup, train_src, evaluations: list[Evaluatio
   batches = device.prefetch_to_device(host, setup.batch_sharding(), size=1)
   if latest is None and objective.prepare_batches:
     state, batches = prepare_state(
-      objective, mesh, state, state_sharding, frozen, batches, init_rng
+      objective, mesh, state, state_sharding, frozen, batches, init_rng, augment
     )
   preempted = False
   try:
