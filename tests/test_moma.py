@@ -164,6 +164,36 @@ def test_projector_fit_of_a_teacher_copy_is_exact():
   assert float(after) < 1e-6 < float(before), (before, after)
 
 
+def test_trainer_prepare_stage_fits_on_the_augmented_batches_and_puts_them_back():
+  """train.prepare_state: the objective's prepare sees the first batches as the step does (after
+  the on-device ``augment``; here a stand-in for the photometric ops that inverts the strong
+  view), only the projectors change, and the stream still yields every batch in order."""
+  obj, frozen = _objective(projector_fit_batches=2)
+  mesh = sharding.make_mesh({'data': 1}, jax.devices()[:1])
+  state, ssh, _ = train.create_state(
+    obj, optim.adamw(1e-3), mesh, [('.*', None)], jax.random.key(0)
+  )
+
+  def aug(b):
+    return {**b, 'strong': 255 - b['strong']}
+
+  items = [(_batch(seed=i), i + 1) for i in range(3)]
+  new, stream = train.prepare_state(
+    obj, mesh, state, ssh, frozen, iter(items), jax.random.key(1), aug
+  )
+  assert [i for _, i in stream] == [1, 2, 3]
+  jax.tree.map(np.testing.assert_array_equal, new.params['student'], state.params['student'])
+  views = tuple(aug(b) for b, _ in items[:2])
+  want, _ = jax.jit(obj.prepare)(
+    state.params, state.extra, frozen, views, jax.random.fold_in(jax.random.key(1), 1)
+  )
+  # The same fit: the same predictions (the weights themselves are not unique: LayerNorm-ed
+  # tokens leave one direction free), so the same loss on an augmented batch.
+  loss = jax.jit(lambda p: obj.loss(p, state.extra, frozen, views[0], jax.random.key(2))[0])
+  np.testing.assert_allclose(loss(new.params), loss(want), rtol=1e-4)
+  assert float(loss(new.params)) < 0.5 * float(loss(state.params))
+
+
 def test_teacher_gets_no_gradient_and_flops():
   obj, frozen = _objective()
   params, extra = obj.init(jax.random.key(0))
