@@ -169,6 +169,7 @@ def plan(
                            ('moma.align', 'cls'), ('optim.base_lr', 4e-3)))  # fmt: skip
   if 'cls' in tables:  # the mechanism check's lever on the shipped SSL teachers
     cls = ('moma.align', 'cls')
+    small = (cls, ('moma.mask_ratio', 0.5), ('optim.base_lr', 4e-3))  # runlocal's small recipe
 
     def m2m(key: str, label: str, *overrides) -> Row:
       return Row('cls', f'MoCo -> MAE, {label}', Run(key, moco2mae, overrides))
@@ -187,31 +188,25 @@ def plan(
           ('moma.mask_ratio', 0.0)),
       m2m('moco_to_mae_cls_mask50', 'align CLS only, mask 50%', cls, ('moma.mask_ratio', 0.5)),
       m2m('moco_to_mae_cls_mask25', 'align CLS only, mask 25%', cls, ('moma.mask_ratio', 0.25)),
-      m2m('moco_to_mae_cls_mask50_lr4', 'align CLS only, mask 50%, lr x4', cls,
-          ('moma.mask_ratio', 0.5), ('optim.base_lr', 4e-3)),
+      m2m('moco_to_mae_cls_mask50_lr4', 'align CLS only, mask 50%, lr x4', *small),
       m2m('moco_to_mae_lr4', 'align both, lr x4 (peak 1e-3)', ('optim.base_lr', 4e-3)),
       # Multi with command 1's small-scale recipe, against MAE from scratch at both lrs.
       Row('cls', 'Multi -> random mu, align CLS only, mask 50%, lr x4',
-          Run('multi_cls_mask50_lr4', multi,
-              (cls, ('moma.mask_ratio', 0.5), ('optim.base_lr', 4e-3)))),
+          Run('multi_cls_mask50_lr4', multi, small)),
       Row('cls', 'Multi -> random mu, align both, mask 50%, lr x4',
           Run('multi_mask50_lr4', multi, (('moma.mask_ratio', 0.5), ('optim.base_lr', 4e-3)))),
       Row('cls', 'MAE -> MoCo, align CLS only, mask 50%, lr x4',
-          Run('mae_to_moco_cls_mask50_lr4', mae2moco,
-              (cls, ('moma.mask_ratio', 0.5), ('optim.base_lr', 4e-3)))),
+          Run('mae_to_moco_cls_mask50_lr4', mae2moco, small)),
       # Multi with the stronger MAE teacher (milli, runlocal's default since 2026-12-07), and
       # each of its teachers alone -> the same random student.
       Row('cls', 'Multi (MAE milli + MoCo v3 mu) -> random mu, align CLS only, mask 50%, lr x4',
-          Run('multi_milli_cls_mask50_lr4', multi_milli,
-              (cls, ('moma.mask_ratio', 0.5), ('optim.base_lr', 4e-3)))),
+          Run('multi_milli_cls_mask50_lr4', multi_milli, small)),
       Row('cls', 'MAE milli alone -> random mu, align CLS only, mask 50%, lr x4',
           Run('mae_milli_to_random_cls_mask50_lr4', f'{mae2moco},teacher=mae_milli,student=random',
-              (cls, ('moma.mask_ratio', 0.5), ('optim.base_lr', 4e-3),
-               ('student.variant', 'mu/4')))),
+              (*small, ('student.variant', 'mu/4')))),
       Row('cls', 'MoCo v3 mu alone -> random mu, align CLS only, mask 50%, lr x4',
           Run('moco_to_random_cls_mask50_lr4', f'{moco2mae},student=random',
-              (cls, ('moma.mask_ratio', 0.5), ('optim.base_lr', 4e-3),
-               ('student.variant', 'mu/4')))),
+              (*small, ('student.variant', 'mu/4')))),
       Row('cls', 'MAE from scratch, same budget, no teacher', mae_scratch),
       Row('cls', 'MAE from scratch, lr x4', Run('mae_scratch_lr4', 'mae_pretrain',
                                                  (('optim.base_lr', 4e-3),))),
